@@ -1,0 +1,179 @@
+"""LFM2 / LFM2.5: a hybrid of gated short convolutions and grouped-query attention, in MLX.
+
+Layout and key names follow the Hugging Face checkpoints (``model.layers.N.conv.in_proj`` …), so
+weights load without renaming; ``sanitize`` is the one place where checkpoint layout is adapted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .config import ModelArgs
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = hd = args.head_dim
+        self.scale = hd**-0.5
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.q_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.k_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.rope = initialize_rope(
+            hd, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings
+        )
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        position = 0 if cache is None else cache.prepare(L)
+        q = self.rope(q, offset=position)
+        k = self.rope(k, offset=position)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        # GQA is native to the fused kernel: no repeat of K/V heads.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DepthwiseCausalConv(nn.Module):
+    """Depthwise causal conv as K shifted multiply-adds: cheaper than Conv1d for K = 3 and it reads
+    the cached state directly. ``weight`` keeps MLX's Conv1d layout [C, K, 1] for interchange."""
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel_size, 1))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """``x``: [B, K - 1 + L, C] (state then new inputs) → [B, L, C]."""
+        K = self.weight.shape[1]
+        L = x.shape[1] - (K - 1)
+        taps = self.weight[:, :, 0].T  # [K, C]
+        if L == 1:
+            y = (x * taps).sum(axis=1, keepdims=True)
+        else:
+            y = x[:, 0:L] * taps[0]
+            for k in range(1, K):
+                y = y + x[:, k : k + L] * taps[k]
+        if "bias" in self:
+            y = y + self.bias
+        return y
+
+
+class ShortConv(nn.Module):
+    """Gated short convolution: in_proj → (B, C, x); out_proj(C · conv(B · x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d = args.hidden_size
+        self.kernel_size = args.conv_L_cache
+        self.in_proj = nn.Linear(d, 3 * d, bias=args.conv_bias)
+        self.conv = DepthwiseCausalConv(d, args.conv_L_cache, args.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=args.conv_bias)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        b, c, h = mx.split(self.in_proj(x), 3, axis=-1)
+        bx = b * h
+        if cache is None or cache.state is None:
+            state = mx.zeros((bx.shape[0], self.kernel_size - 1, bx.shape[2]), bx.dtype)
+        else:
+            state = cache.state
+        window = mx.concatenate([state, bx], axis=1)
+        if cache is not None:
+            cache.state = window[:, window.shape[1] - (self.kernel_size - 1) :]
+            cache.offset += x.shape[1]
+        return self.out_proj(c * self.conv(window))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ff_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ff_dim, bias=False)
+        self.w3 = nn.Linear(dim, ff_dim, bias=False)
+        self.w2 = nn.Linear(ff_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, is_attention: bool):
+        super().__init__()
+        self.is_attention = is_attention
+        if is_attention:
+            self.self_attn = Attention(args)
+        else:
+            self.conv = ShortConv(args)
+        self.feed_forward = MLP(args.hidden_size, args.ff_dim)
+        self.operator_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
+        op = self.self_attn if self.is_attention else self.conv
+        h = x + op(self.operator_norm(x), mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LFM2Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, t != "conv") for t in args.layer_types]
+        self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        cache = cache or [None] * len(self.layers)
+        mask = "causal" if h.shape[1] > 1 else None
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask if layer.is_attention else None, c)
+        return self.embedding_norm(h)
+
+
+class Model(nn.Module):
+    """Causal LM head over ``LFM2Model``; ``model(ids [B, L], cache) -> logits [B, L, vocab]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = LFM2Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        h = self.model(inputs, cache)
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        """HF stores the conv kernel as [C, 1, K]; MLX's layout is [C, K, 1]. A tied checkpoint may
+        still carry an lm_head copy, which transformers ignores, and so do we."""
+        out = {}
+        for name, w in weights.items():
+            if name.endswith("conv.conv.weight") and w.ndim == 3 and w.shape[1] == 1 and w.shape[2] > 1:
+                w = w.transpose(0, 2, 1)
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue
+            out[name] = w
+        return out

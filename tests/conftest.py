@@ -1,0 +1,84 @@
+"""Shared fixtures: random-weight checkpoints written by transformers, built once per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "lfm2-reference"
+LFM2_350M = SHARED / "LFM2-350M"
+LFM25_TOKENIZER = SHARED / "LFM2.5-1.2B-Base"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# A small LFM2 with the real vocabulary, so the real tokenizer drives it.
+TINY_CONFIG = dict(
+    model_type="lfm2",
+    vocab_size=65536,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=4,
+    block_ff_dim=192,
+    full_attn_idxs=[1, 3],
+    max_position_embeddings=128_000,
+    eos_token_id=7,
+    bos_token_id=1,
+    pad_token_id=0,
+)
+
+
+def require_shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the real LFM2 reference files live beside the project in ../shared")
+    return SHARED
+
+
+def write_checkpoint(path: Path, config: dict, seed: int = 0, tokenizer_from: Path | None = None,
+                     dtype: str = "float32") -> Path:
+    """Random weights through ``transformers.Lfm2ForCausalLM.save_pretrained``: the real on-disk format."""
+    import torch
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Lfm2ForCausalLM(Lfm2Config(**config)).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(path)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).is_file():
+                shutil.copy(tokenizer_from / name, path / name)
+    return path
+
+
+def real_350m_config() -> dict:
+    return json.loads((require_shared() / "LFM2-350M" / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Tiny random LFM2 with the real LFM2 tokenizer files (when ../shared is there)."""
+    tok = LFM2_350M if LFM2_350M.is_dir() else None
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_CONFIG, tokenizer_from=tok)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_350m(tmp_path_factory) -> Path:
+    """Random weights in the exact LFM2-350M shape, float32, with its real tokenizer."""
+    config = real_350m_config()
+    return write_checkpoint(tmp_path_factory.mktemp("lfm2-350m"), config, tokenizer_from=LFM2_350M)
+
+
+@pytest.fixture(scope="session")
+def torch_model_350m(checkpoint_350m):
+    from transformers import Lfm2ForCausalLM
+
+    return Lfm2ForCausalLM.from_pretrained(checkpoint_350m, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def torch_model_tiny(tiny_checkpoint):
+    from transformers import Lfm2ForCausalLM
+
+    return Lfm2ForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32").eval()
