@@ -11,6 +11,7 @@ import mlx.nn as nn
 
 from .config import ConfigError, ModelArgs, load_config
 from .model import Model
+from .sample import read_generation_config
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -174,6 +175,7 @@ def load_model(
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
+    model.sampling_defaults = read_generation_config(model_path)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -10,6 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import ModelArgs
@@ -38,14 +39,24 @@ class Attention(nn.Module):
         k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
-        position = 0 if cache is None else cache.prepare(L)
+        position = 0
+        if cache is not None:
+            position = cache.prepare(L)
+            if cache.left_padding is not None:
+                # Each row's real tokens start at position 0, exactly as if it ran alone.
+                position = position - cache.left_padding
         q = self.rope(q, offset=position)
         k = self.rope(k, offset=position)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        # GQA is native to the fused kernel: no repeat of K/V heads.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if cache is not None and cache.bits is not None:
+            out = quantized_scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
+            )
+        else:
+            # GQA is native to the fused kernel: no repeat of K/V heads.
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -89,6 +100,9 @@ class ShortConv(nn.Module):
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)
         bx = b * h
+        if mask is not None:
+            # Pad tokens must not leak into the conv state: zero is what an unpadded row starts from.
+            bx = mx.where(mask[..., None], bx, 0)
         if cache is None or cache.state is None:
             state = mx.zeros((bx.shape[0], self.kernel_size - 1, bx.shape[2]), bx.dtype)
         else:
@@ -139,10 +153,33 @@ class LFM2Model(nn.Module):
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
-        mask = "causal" if h.shape[1] > 1 else None
+        L = h.shape[1]
+        attn_cache = next((c for c, l in zip(cache, self.layers) if l.is_attention), None)
+        conv_cache = next((c for c, l in zip(cache, self.layers) if not l.is_attention), None)
+        attn_mask, conv_mask = attention_mask(L, attn_cache), padding_mask(L, conv_cache)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, mask if layer.is_attention else None, c)
+            h = layer(h, attn_mask if layer.is_attention else conv_mask, c)
         return self.embedding_norm(h)
+
+
+def attention_mask(n_new: int, cache):
+    """Causal, plus hiding each row's leading pad tokens in a left-padded batch."""
+    if cache is None or cache.left_padding is None:
+        return "causal" if n_new > 1 else None
+    start = cache.offset
+    keys = mx.arange(start + n_new)
+    queries = mx.arange(start, start + n_new)
+    causal = keys[None, :] <= queries[:, None]
+    not_pad = keys[None, :] >= cache.left_padding[:, None]
+    return causal[None, None] & not_pad[:, None, None, :]
+
+
+def padding_mask(n_new: int, cache) -> Optional[mx.array]:
+    """[B, L] True for real tokens, while a left-padded batch still feeds pad positions."""
+    if cache is None or cache.left_padding is None:
+        return None
+    positions = mx.arange(cache.offset, cache.offset + n_new)
+    return positions[None, :] >= cache.left_padding[:, None]
 
 
 class Model(nn.Module):

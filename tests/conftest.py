@@ -17,7 +17,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TINY_CONFIG = dict(
     model_type="lfm2",
     vocab_size=65536,
-    hidden_size=64,
+    hidden_size=128,
     num_attention_heads=4,
     num_key_value_heads=2,
     num_hidden_layers=4,
@@ -82,3 +82,42 @@ def torch_model_tiny(tiny_checkpoint):
     from transformers import Lfm2ForCausalLM
 
     return Lfm2ForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_checkpoint):
+    """(model, tokenizer) of the tiny checkpoint in float32; needs the real tokenizer from ../shared."""
+    require_shared()
+    import lfm_mlx
+
+    return lfm_mlx.load(tiny_checkpoint, dtype="float32")
+
+
+def forcing(token_ids):
+    """A logits processor that makes the model emit ``token_ids`` in order: scripted output through
+    the real engine, for testing text handling independently of what random weights would say."""
+    import mlx.core as mx
+
+    state = {"start": None}
+
+    def processor(history, logits):
+        if state["start"] is None:
+            state["start"] = history.size
+        i = history.size - state["start"]
+        target = token_ids[i] if i < len(token_ids) else 7
+        return mx.where(mx.arange(logits.shape[-1]) == target, 0.0, -mx.inf)[None].astype(logits.dtype)
+
+    return processor
+
+
+def ban(*token_ids):
+    """A logits processor that forbids the given tokens (e.g. EOS, to force long generations)."""
+    import mlx.core as mx
+
+    def processor(history, logits):
+        mask = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
+        for t in token_ids:
+            mask = mask | (mx.arange(logits.shape[-1]) == t)
+        return mx.where(mask, -mx.inf, logits)
+
+    return processor

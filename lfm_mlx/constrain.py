@@ -1,0 +1,313 @@
+"""JSON-Schema constrained decoding with llguidance, as an mlx-lm logits processor.
+
+The grammar allows no free whitespace (separators are exactly ", " and ": ", as
+json.dumps writes them), so a model cannot pad a document with blanks forever, and
+after the top-level value only EOS is allowed. Strings, numbers and arrays without
+bounds can still run long: given `max_tokens`, the constraint forces a short closing
+sequence when the budget is about to run out, so the document is always complete.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+import llguidance.hf
+import mlx.core as mx
+import numpy as np
+from llguidance import LLMatcher, LLTokenizer
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+SUPPORTED_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "minItems", "maxItems", "enum", "const", "pattern", "minLength", "maxLength",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf",
+    "$ref", "$defs", "definitions", "format",
+    # annotations only (discriminator: Pydantic tagged unions, enforced by their oneOf)
+    "title", "description", "default", "examples", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly", "discriminator"})
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class SchemaError(ValueError):
+    """The schema is invalid, or uses something the constraint cannot enforce."""
+
+
+@lru_cache(maxsize=None)
+def _format_supported(fmt: str) -> bool:
+    return not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema({"type": "string", "format": fmt}))
+
+
+def _walk(node: Any, path: str) -> Any:
+    """Reject unsupported keywords; return a copy where objects declaring all their
+    required `properties` default to additionalProperties false (stricter, so the
+    output stays valid, and a model cannot wander off into invented keys)."""
+    if not isinstance(node, dict):
+        return node  # boolean schema
+    out = dict(node)
+    for key, value in node.items():
+        if key not in SUPPORTED_KEYWORDS:
+            raise SchemaError(f"unsupported schema keyword {key!r} at {path}")
+        if key == "$ref" and not value.startswith(("#/$defs/", "#/definitions/")):
+            raise SchemaError(f"unsupported schema keyword '$ref' (non-local {value!r}) at {path}")
+        if key == "format" and not _format_supported(value):
+            raise SchemaError(f"unsupported schema keyword 'format' ({value!r}) at {path}")
+        if key in ("properties", "$defs", "definitions"):
+            out[key] = {name: _walk(sub, f"{path}.{key}.{name}") for name, sub in value.items()}
+        elif key in ("anyOf", "oneOf", "prefixItems") or (key == "items" and isinstance(value, list)):
+            out[key] = [_walk(sub, f"{path}.{key}[{i}]") for i, sub in enumerate(value)]
+        elif key in ("items", "additionalProperties"):
+            out[key] = _walk(value, f"{path}.{key}")
+    if "properties" in out and set(out.get("required", ())) <= out["properties"].keys():
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def build_grammar(schema: dict) -> str:
+    """llguidance grammar for `schema`: json.dumps layout, no free whitespace."""
+    return LLMatcher.grammar_from_json_schema(_walk(schema, "$"), overrides=JSON_OPTIONS)
+
+
+def check_schema(schema: dict | type) -> dict:
+    """Return the JSON Schema (a dict, or a Pydantic model class's schema), or raise
+    SchemaError before any generation if it is invalid or unsupported."""
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        schema = schema.model_json_schema()
+    if not isinstance(schema, dict):
+        raise SchemaError(f"schema must be a dict or a Pydantic model class, not {type(schema).__name__}")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise SchemaError(f"invalid schema: {e.message} at {e.json_path}") from None
+    error = LLMatcher.validate_grammar(build_grammar(schema))
+    if error:
+        raise SchemaError(f"schema rejected by llguidance: {error}")
+    return schema
+
+
+@dataclass
+class _Vocab:
+    """Per-tokenizer data, built once: the llguidance tokenizer and, for forced closing,
+    token ranks and the best-ranked ids, outside and inside a JSON string."""
+    ll: LLTokenizer
+    closing: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+
+
+_VOCABS: weakref.WeakKeyDictionary[Any, _Vocab] = weakref.WeakKeyDictionary()
+
+
+def _vocab(tokenizer: Any) -> _Vocab:
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+    if hf not in _VOCABS:
+        _VOCABS[hf] = _Vocab(llguidance.hf.from_tokenizer(hf))
+    return _VOCABS[hf]
+
+
+def ll_tokenizer_for(tokenizer: Any) -> LLTokenizer:
+    """The llguidance tokenizer for a HF tokenizer or mlx-lm TokenizerWrapper,
+    cached per tokenizer object (building it takes about a second)."""
+    return _vocab(tokenizer).ll
+
+
+def _closing_ranks(ll: LLTokenizer) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Outside strings: closers `]}` first, then ',' separators, then minimal values;
+    inside: a quote followed only by closers. Longer tokens first within a tier."""
+    minimal = [b'""', b"0", b"[]", b"{}", b"null", b"false", b"true", b'"', b"[", b"{"]
+    outside = np.full(ll.vocab_size, 1 << 30, np.int64)
+    inside = outside.copy()
+    for i in range(ll.vocab_size):
+        b = ll.decode_bytes([i])
+        if not b or ll.is_special_token(i):
+            continue
+        s = b.strip()
+        if s and not s.strip(b"]}"):
+            outside[i] = 1000 - len(b)
+        elif b.rstrip(b' "') == b",":
+            outside[i] = 2000 - len(b)
+        elif s in minimal:
+            outside[i] = 3000 + minimal.index(s)
+        else:
+            outside[i] = 9000 - len(b) + 100 * (b"-" in b)  # ": 0" rather than ": -0"
+        inside[i] = (1000 if b.startswith(b'"') and not b[1:].strip(b"]},") else 9000) - len(b)
+    return tuple((rank, np.argsort(rank, kind="stable")[:512]) for rank in (outside, inside))
+
+
+def _in_string(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
+    """Track (inside a JSON string, after a backslash) across generated bytes."""
+    inside, escaped = state
+    for c in data:
+        if escaped:
+            escaped = False
+        elif inside and c == 0x5C:
+            escaped = True
+        elif c == 0x22:
+            inside = not inside
+    return inside, escaped
+
+
+def _preferred(bitmask: np.ndarray, rank: np.ndarray, best: np.ndarray) -> int | None:
+    """The allowed token of lowest rank; checking the best few first usually suffices."""
+    words = bitmask.view(np.uint32)[0]
+    hits = best[(words[best >> 5] >> (best & 31)) & 1 == 1]
+    if hits.size:
+        return int(hits[0])
+    allowed = np.flatnonzero(np.unpackbits(bitmask.view(np.uint8), bitorder="little"))
+    return int(allowed[np.argmin(rank[allowed])]) if allowed.size else None
+
+
+def use_metal() -> bool:
+    """llguidance's bitmask kernel is Metal-only; elsewhere the mask is unpacked with numpy."""
+    return mx.metal.is_available()
+
+
+def _allowed(bitmask: np.ndarray, width: int) -> np.ndarray:
+    """Boolean mask of `width` entries from an llguidance int32 bitmask (zero-padded)."""
+    bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:width]
+    return np.pad(bits, (0, width - bits.size)).view(bool)
+
+
+def apply_bitmask(logits: mx.array, bitmask: np.ndarray) -> mx.array:
+    """Keep allowed logits, set the others to -inf."""
+    if use_metal():
+        from llguidance.mlx import apply_token_bitmask
+        return apply_token_bitmask(logits, bitmask)
+    allowed = mx.array(_allowed(bitmask, logits.shape[-1]))
+    return mx.where(allowed, logits, mx.array(-np.inf, dtype=logits.dtype))
+
+
+@dataclass
+class MaskStats:
+    seconds: float = 0.0
+    count: int = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.seconds / max(self.count, 1)
+
+
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-mlx-mask")
+
+
+class JSONConstraint:
+    """Logits processor (mlx-lm convention) keeping ONE sequence inside `schema`.
+
+    Called as `processor(tokens, logits)` with all token ids so far; the first call
+    takes `tokens` as the prompt. Calling `prepare(token)` as soon as a token is
+    sampled computes the next mask while the model runs. With `max_tokens`, the
+    document is forced closed (ending in EOS) within that many generated tokens.
+    """
+
+    def __init__(self, tokenizer: Any, schema: dict | type, *, vocab_size: int,
+                 max_tokens: int | None = None) -> None:
+        self.schema = check_schema(schema)
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        self._vocab = _vocab(tokenizer)
+        self._ll = self._vocab.ll
+        if max_tokens is not None and not self._vocab.closing:
+            self._vocab.closing = _closing_ranks(self._ll)
+        self._matcher = LLMatcher(self._ll, build_grammar(self.schema), log_level=0)
+        self._bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
+        self._prompt_len: int | None = None
+        self._string_state = (False, False)
+        self._pending: Future | None = None
+        self._closing: list[int] = []  # forced tokens once the budget runs out
+        self._close_len = 0
+        self.generated: list[int] = []
+        self.stats = MaskStats()
+
+    @property
+    def is_done(self) -> bool:
+        """A complete document has been generated: EOS is allowed."""
+        self._settle()
+        return self._matcher.is_accepting()
+
+    def prepare(self, token: int) -> None:
+        """Consume the sampled `token` and compute the next mask in the background."""
+        if self._prompt_len is None or self._pending is not None:
+            raise RuntimeError("prepare() must follow a call that applied the mask")
+        self._advance(int(token))
+        self._pending = _EXECUTOR.submit(self._next_bitmask)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"logits width {logits.shape[-1]} != vocab_size {self.vocab_size}")
+        if self._prompt_len is None:
+            self._prompt_len = tokens.size
+        seen = self._prompt_len + len(self.generated)
+        if tokens.size < seen:
+            raise RuntimeError(f"got {tokens.size} tokens, but {seen} were already consumed")
+        new = tokens[seen:].tolist()
+        if new:
+            self._settle()  # a mask prepared for an earlier state is stale
+            for token in new:
+                self._advance(token)
+        mx.async_eval(logits)  # the forward pass runs while the mask is computed
+        pending, self._pending = self._pending, None
+        return apply_bitmask(logits, pending.result() if pending else self._next_bitmask())
+
+    def _settle(self) -> None:
+        """Wait for a background mask: the matcher must not be used meanwhile."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def _advance(self, token: int) -> None:
+        if not self._matcher.consume_token(token):
+            raise RuntimeError(f"token {token} broke the JSON constraint: {self._matcher.get_error()}")
+        self.generated.append(token)
+        if self.max_tokens is not None:
+            self._string_state = _in_string(self._string_state, self._ll.decode_bytes([token]))
+
+    def _next_bitmask(self) -> np.ndarray:
+        start = time.perf_counter()
+        if self.max_tokens is not None and not self._closing:
+            self._maybe_close()
+        if self._closing:
+            token = self._closing.pop(0)
+            self._bitmask[:] = 0
+            self._bitmask.view(np.uint32)[0, token // 32] = 1 << (token % 32)
+        else:
+            fill_next_token_bitmask(self._matcher, self._bitmask)
+            if self._matcher.is_error():
+                raise RuntimeError(f"JSON constraint failed: {self._matcher.get_error()}")
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.count += 1
+        return self._bitmask
+
+    def _maybe_close(self) -> None:
+        """Re-plan the closing sequence every step near the end of the budget (and every
+        8 tokens before, as one token can open a big structure); force it when it barely fits."""
+        remaining = self.max_tokens - len(self.generated)
+        if remaining > 2 * self._close_len + 16 and len(self.generated) % 8:
+            return
+        plan = self._closing_plan(limit=remaining)
+        if plan is None:
+            return  # cannot close within the budget (e.g. a pattern): leave it to the model
+        self._close_len = len(plan)
+        if remaining <= len(plan) + 2:
+            self._closing = plan
+
+    def _closing_plan(self, limit: int) -> list[int] | None:
+        """Greedy completion on a copy of the matcher, ending with EOS; None if over `limit`."""
+        matcher, state = self._matcher.deep_copy(), self._string_state
+        bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
+        plan: list[int] = []
+        while len(plan) < limit:
+            if matcher.is_accepting():
+                return plan + [self._ll.eos_token]
+            tokens = matcher.compute_ff_tokens()  # forced text, e.g. a required key
+            if not tokens:
+                fill_next_token_bitmask(matcher, bitmask)
+                tokens = [_preferred(bitmask, *self._vocab.closing[state[0]])]
+            if None in tokens or not matcher.consume_tokens(tokens):
+                return None
+            plan += tokens
+            state = _in_string(state, self._ll.decode_bytes(tokens))
+        return None

@@ -1,0 +1,140 @@
+"""The hybrid cache: rolling KV window with sinks, quantized KV, snapshots and prefix reuse."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import lfm_mlx
+from conftest import ban
+from lfm_mlx.cache import ConvCache, KVCache, PromptCache, restore, snapshot
+from lfm_mlx.generate import prefill
+
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
+EOS = 7
+
+
+def kv_caches(layers):
+    return [c for c in layers if isinstance(c, KVCache)]
+
+
+def test_rolling_cache_matches_unbounded_cache_inside_window(tiny):
+    model, tok = tiny
+    prompt = list(np.random.default_rng(0).integers(100, 60000, size=100))
+    opts = dict(max_tokens=150, logits_processors=[ban(EOS)], **GREEDY)
+    unbounded = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_kv_size=0, **opts)]
+    rolling = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_kv_size=256, **opts)]
+    assert len(prompt) + len(rolling) <= 256 and rolling == unbounded
+
+
+def test_rolling_logits_equal_full_cache_until_the_window_fills(tiny):
+    model, _ = tiny
+    ids = np.random.default_rng(1).integers(100, 60000, size=(1, 64))
+    full = np.array(model(mx.array(ids)))
+    layers = lfm_mlx.make_cache(model, max_kv_size=64, keep=4)
+    step = [np.array(model(mx.array(ids[:, i : i + 1]), cache=layers)) for i in range(64)]
+    assert np.abs(np.concatenate(step, axis=1) - full).max() / np.abs(full).max() < 1e-5
+
+
+def test_rolling_cache_keeps_memory_flat_and_positions_bounded(tiny):
+    model, tok = tiny
+    cache = PromptCache(model, max_kv_size=256)
+    memory, max_offset = {}, 0
+    for r in lfm_mlx.stream_generate(model, tok, "Tell me a long story", max_tokens=4000, prompt_cache=cache,
+                                     logits_processors=[ban(EOS)], **GREEDY):
+        max_offset = max(max_offset, *(c.offset for c in kv_caches(cache.layers)))
+        if r.generation_tokens in (1000, 4000):
+            memory[r.generation_tokens] = mx.get_active_memory()
+    print(f"active memory with max_kv_size=256: {memory[1000] / 1e6:.2f} MB at 1k, {memory[4000] / 1e6:.2f} MB at 4k")
+    assert r.generation_tokens == 4000
+    assert max_offset <= 256
+    assert abs(memory[4000] - memory[1000]) <= 0.05 * memory[1000]
+    assert all(c.keys[0].shape[2] <= 256 for c in kv_caches(cache.layers))
+    assert all(c.evictions > 0 for c in kv_caches(cache.layers))
+
+
+def test_rolled_keys_equal_keys_computed_at_their_new_positions(tiny):
+    """After a roll, each kept key must be exactly what RoPE gives at its new cache position."""
+    model, _ = tiny
+    attn = next(l for l in model.layers if l.is_attention).self_attn
+    cache = KVCache(max_size=32, keep=4, rope=attn.rope)
+    raw = mx.random.normal((1, 2, 40, attn.head_dim), key=mx.random.key(0))
+    for i in range(40):
+        pos = cache.prepare(1)
+        k = attn.rope(raw[:, :, i : i + 1], offset=pos)
+        cache.update_and_fetch(k, k)
+    assert cache.offset <= 32 and cache.evictions >= 1
+    kept = cache.offset
+    # Sinks are tokens 0..3; the rest are the most recent `kept - 4` tokens, now at positions 4..kept-1.
+    recent = raw[:, :, 40 - (kept - 4) :]
+    expected = mx.concatenate([attn.rope(raw[:, :, :4]), attn.rope(recent, offset=4)], axis=2)
+    assert mx.abs(cache.keys[0][:, :, :kept] - expected).max().item() < 1e-4
+
+
+def test_kv_window_too_small_for_a_chunk_is_a_clear_error(tiny):
+    model, _ = tiny
+    layers = lfm_mlx.make_cache(model, max_kv_size=16, keep=4)
+    model(mx.array([[5] * 12]), cache=layers)
+    with pytest.raises(ValueError, match="do not fit a KV window of 16"):
+        model(mx.array([[5] * 14]), cache=layers)
+    with pytest.raises(ValueError, match="larger than keep"):
+        lfm_mlx.make_cache(model, max_kv_size=4, keep=4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_tracks_float_kv(tiny, bits):
+    model, _ = tiny
+    ids = np.random.default_rng(2).integers(100, 60000, size=(1, 48))
+    full = np.array(model(mx.array(ids)))
+    layers = lfm_mlx.make_cache(model, kv_bits=bits)
+    model(mx.array(ids[:, :40]), cache=layers)
+    out = np.concatenate([np.array(model(mx.array(ids[:, i : i + 1]), cache=layers)) for i in range(40, 48)], axis=1)
+    err = np.abs(out - full[:, 40:]).max() / np.abs(full).max()
+    assert err < (0.02 if bits == 8 else 0.1)
+    assert kv_caches(layers)[0].keys[0].dtype == mx.uint32
+
+
+def test_quantized_rolling_cache_generates_past_its_window(tiny):
+    model, tok = tiny
+    cache = PromptCache(model, max_kv_size=64, kv_bits=8)
+    out = list(lfm_mlx.stream_generate(model, tok, "Go", max_tokens=200, prompt_cache=cache,
+                                       logits_processors=[ban(EOS)], **GREEDY))
+    assert len(out) == 200 and all(c.offset <= 64 for c in kv_caches(cache.layers))
+
+
+def test_restored_snapshot_continues_exactly_like_a_fresh_prefill(tiny):
+    model, _ = tiny
+    ids = np.random.default_rng(3).integers(100, 60000, size=90).tolist()
+    cache = PromptCache(model)
+    prefill(model, cache, ids[:50], checkpoints=[30])
+    assert 30 in cache.snapshots
+    assert cache.reuse(ids[:30] + [11, 12, 13]) == 30
+    prefill(model, cache, ids[30:89])
+    resumed = np.array(model(mx.array([ids[89:]]), cache=cache.layers))
+
+    fresh = PromptCache(model)
+    prefill(model, fresh, ids[:89])
+    expected = np.array(model(mx.array([ids[89:]]), cache=fresh.layers))
+    assert np.abs(resumed - expected).max() / np.abs(expected).max() < 1e-5
+    assert int(resumed.argmax()) == int(expected.argmax())
+
+
+def test_snapshot_is_refused_after_the_window_rolled(tiny):
+    model, _ = tiny
+    layers = lfm_mlx.make_cache(model, max_kv_size=32)
+    model(mx.array([[5] * 20]), cache=layers)
+    snap = snapshot(layers)
+    model(mx.array([[6] * 20]), cache=layers)
+    before = [c.offset for c in layers]
+    assert restore(layers, snap) is False
+    assert [c.offset for c in layers] == before
+
+
+def test_reuse_keeps_the_live_state_when_the_prompt_extends_it(tiny):
+    model, _ = tiny
+    cache = PromptCache(model)
+    prefill(model, cache, [5, 6, 7, 8])
+    assert cache.reuse([5, 6, 7, 8, 9, 10]) == 4
+    assert cache.reuse([5, 6, 7, 8]) == 0 and cache.tokens == []  # no snapshot at 3: start over
+    assert all(c.offset == 0 for c in cache.layers if isinstance(c, (KVCache, ConvCache)))
