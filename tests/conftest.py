@@ -18,6 +18,7 @@ TINY_CONFIG = dict(
     model_type="lfm2",
     vocab_size=65536,
     hidden_size=128,
+    block_dim=128,  # transformers ignores it; mlx-lm's ModelArgs requires it, and real configs carry it
     num_attention_heads=4,
     num_key_value_heads=2,
     num_hidden_layers=4,
