@@ -1,14 +1,22 @@
 """lfm-mlx: Liquid AI's LFM2 / LFM2.5 on Apple's MLX."""
 
+import warnings
+
 from .cache import PromptCache, make_cache
 from .chat import ChatSession
 from .config import ConfigError, ModelArgs
+from .constrain import SchemaError
+from .extract import Extraction, extract, extract_many
 from .generate import GenerationResponse, batch_generate, generate, stream_generate
 from .loading import CheckpointError, load, load_model
 from .model import Model
 from .tools import parse_tool_calls
 
 __all__ = [
-    "ChatSession", "CheckpointError", "ConfigError", "GenerationResponse", "Model", "ModelArgs", "PromptCache",
-    "batch_generate", "generate", "load", "load_model", "make_cache", "parse_tool_calls", "stream_generate",
+    "ChatSession", "CheckpointError", "ConfigError", "Extraction", "GenerationResponse", "Model", "ModelArgs",
+    "PromptCache", "SchemaError", "batch_generate", "extract", "extract_many", "generate", "load", "load_model",
+    "make_cache", "parse_tool_calls", "stream_generate",
 ]
+
+# `python -m lfm_mlx.extract` runs a module this package has already imported (for `extract`): harmless.
+warnings.filterwarnings("ignore", r"'lfm_mlx\.extract' found in sys\.modules", RuntimeWarning)

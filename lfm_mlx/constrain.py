@@ -32,6 +32,8 @@ SUPPORTED_KEYWORDS = frozenset({
     # annotations only (discriminator: Pydantic tagged unions, enforced by their oneOf)
     "title", "description", "default", "examples", "$schema", "$id", "$comment",
     "deprecated", "readOnly", "writeOnly", "discriminator"})
+SEPARATORS = b"@:./-TZ+"  # what moves a format on to its next part: e-mail, URI, host name, date-time
+FORCE_SLACK = 20  # closing starts this early: room to finish a value opened meanwhile (a date-time: ~16)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -115,12 +117,20 @@ def ll_tokenizer_for(tokenizer: Any) -> LLTokenizer:
     return _vocab(tokenizer).ll
 
 
+def _kind(byte: int) -> int:
+    """0 digit, 1 letter (or part of a non-ASCII character), 2 anything else."""
+    return 0 if 0x30 <= byte <= 0x39 else 1 if chr(byte).isalpha() or byte >= 0x80 else 2
+
+
 def _closing_ranks(ll: LLTokenizer) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Outside strings: closers `]}` first, then ',' separators, then minimal values;
-    inside: a quote followed only by closers. Longer tokens first within a tier."""
+    """Outside strings: closers `]}` first, then ',' separators, then minimal values.
+    Inside, one ranking per kind of the last byte written: a quote followed only by closers; after
+    a digit or letter, a separator; then tokens of another kind than the last byte, which leave a
+    format's or pattern's repetition ("P123" → "D" in a duration, "ada" → "@" in an e-mail); then
+    the rest. Longer tokens first within a tier."""
     minimal = [b'""', b"0", b"[]", b"{}", b"null", b"false", b"true", b'"', b"[", b"{"]
     outside = np.full(ll.vocab_size, 1 << 30, np.int64)
-    inside = outside.copy()
+    inside = np.full((3, ll.vocab_size), 1 << 30, np.int64)
     for i in range(ll.vocab_size):
         b = ll.decode_bytes([i])
         if not b or ll.is_special_token(i):
@@ -134,8 +144,15 @@ def _closing_ranks(ll: LLTokenizer) -> tuple[tuple[np.ndarray, np.ndarray], ...]
             outside[i] = 3000 + minimal.index(s)
         else:
             outside[i] = 9000 - len(b) + 100 * (b"-" in b)  # ": 0" rather than ": -0"
-        inside[i] = (1000 if b.startswith(b'"') and not b[1:].strip(b"]},") else 9000) - len(b)
-    return tuple((rank, np.argsort(rank, kind="stable")[:512]) for rank in (outside, inside))
+        if b.startswith(b'"') and not b[1:].strip(b"]}"):  # not '",': that opens another value
+            inside[:, i] = 1000 - len(b)
+            continue
+        for last in range(3):
+            if last < 2 and len(b) == 1 and b in SEPARATORS:
+                inside[last, i] = 2000 + SEPARATORS.index(b)
+            else:
+                inside[last, i] = (5000 if _kind(b[0]) != last else 9000) - len(b)
+    return tuple((rank, np.argsort(rank, kind="stable")[:512]) for rank in (outside, *inside))
 
 
 def _in_string(state: tuple[bool, bool], data: bytes) -> tuple[bool, bool]:
@@ -283,20 +300,22 @@ class JSONConstraint:
 
     def _maybe_close(self) -> None:
         """Re-plan the closing sequence every step near the end of the budget (and every
-        8 tokens before, as one token can open a big structure); force it when it barely fits."""
+        8 tokens before, as one token can open a big structure); force it once it fits with
+        FORCE_SLACK tokens to spare."""
         remaining = self.max_tokens - len(self.generated)
-        if remaining > 2 * self._close_len + 16 and len(self.generated) % 8:
+        if remaining > 2 * (self._close_len + FORCE_SLACK) and len(self.generated) % 8:
             return
         plan = self._closing_plan(limit=remaining)
         if plan is None:
             return  # cannot close within the budget (e.g. a pattern): leave it to the model
         self._close_len = len(plan)
-        if remaining <= len(plan) + 2:
+        if remaining <= len(plan) + FORCE_SLACK:
             self._closing = plan
 
     def _closing_plan(self, limit: int) -> list[int] | None:
         """Greedy completion on a copy of the matcher, ending with EOS; None if over `limit`."""
         matcher, state = self._matcher.deep_copy(), self._string_state
+        last = self._ll.decode_bytes(self.generated[-1:])[-1:] or b'"'
         bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
         plan: list[int] = []
         while len(plan) < limit:
@@ -305,9 +324,10 @@ class JSONConstraint:
             tokens = matcher.compute_ff_tokens()  # forced text, e.g. a required key
             if not tokens:
                 fill_next_token_bitmask(matcher, bitmask)
-                tokens = [_preferred(bitmask, *self._vocab.closing[state[0]])]
+                tokens = [_preferred(bitmask, *self._vocab.closing[1 + _kind(last[0]) if state[0] else 0])]
             if None in tokens or not matcher.consume_tokens(tokens):
                 return None
             plan += tokens
-            state = _in_string(state, self._ll.decode_bytes(tokens))
+            data = self._ll.decode_bytes(tokens)
+            state, last = _in_string(state, data), data[-1:] or last
         return None

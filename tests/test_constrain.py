@@ -123,6 +123,28 @@ def test_token_budget_forces_an_unbounded_document_closed(budget):
     assert EOS not in out and len(out) == budget
 
 
+FORMATS_AND_PATTERN = {
+    "type": "object",
+    "properties": {
+        "emails": {"type": "array", "items": {"type": "string", "format": "email"}},
+        "links": {"type": "array", "items": {"type": "string", "format": "uri"}},
+        "when": {"type": "array", "items": {"type": "string", "format": "date-time"}},
+        "span": {"type": "string", "format": "duration"},
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]+$"},
+    },
+    "required": ["emails", "span", "code"],
+}
+
+
+@pytest.mark.parametrize("budget", [48, 80, 160])
+def test_token_budget_closes_strings_inside_formats_and_patterns(budget):
+    """Forced closing must walk a format or pattern to its end (an e-mail needs its '@')."""
+    for seed in range(4):
+        for temperature in (0.0, 1.0):
+            constraint = JSONConstraint(TOKENIZER, FORMATS_AND_PATTERN, vocab_size=VOCAB, max_tokens=budget)
+            assert_valid_document(decode(constraint, seed, temperature, budget), FORMATS_AND_PATTERN, budget)
+
+
 def test_additional_properties_default_to_false_for_declared_properties():
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
     for seed in range(3):

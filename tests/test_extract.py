@@ -1,0 +1,501 @@
+"""Extraction: schema-valid JSON from random-weight models, grounding, chunking, batches and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from conftest import forcing, require_shared
+from lfm_mlx.constrain import SUPPORTED_KEYWORDS, SchemaError
+from lfm_mlx.extract import (
+    SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract, extract_many, main, merge, merge_all,
+    split_text)
+from lfm_mlx.grounding import Grounder, ground, string_leaves
+
+extract_module = importlib.import_module("lfm_mlx.extract")  # `lfm_mlx.extract` may name the function
+
+PRESETS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(SCHEMAS_DIR.glob("*.json"))}
+SAMPLES = {name: (SCHEMAS_DIR / f"{name}.txt").read_text(encoding="utf-8") for name in PRESETS}
+
+NAME = {"type": "string", "minLength": 1, "maxLength": 12}
+KEYWORD_SCHEMAS = {  # together with the presets, every keyword constrain.py supports
+    "object_required_no_extra": {"type": "object", "properties": {"name": NAME, "ok": {"type": "boolean"}},
+                                 "required": ["name", "ok"], "additionalProperties": False},
+    "additional_properties_schema": {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}},
+                                     "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "array_min_max_items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                            "minItems": 2, "maxItems": 4},
+    "enum_const": {"type": "object", "required": ["color", "version"], "properties": {
+        "color": {"enum": ["red", "green", "blue"]}, "version": {"const": 2}}},
+    "pattern_and_lengths": {"type": "object", "required": ["code", "word"], "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+        "word": {"type": "string", "minLength": 3, "maxLength": 5}}},
+    "number_ranges": {"type": "object", "required": ["i", "x"], "properties": {
+        "i": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3},
+        "x": {"type": "number", "minimum": 0.5, "maximum": 2}}},
+    "refs_defs_definitions": {
+        "type": "object", "required": ["a", "b"],
+        "$defs": {"Item": {"type": "object", "required": ["n"], "properties": {"n": NAME}}},
+        "definitions": {"Tag": {"type": "string", "maxLength": 8}},
+        "properties": {"a": {"$ref": "#/$defs/Item"},
+                       "b": {"type": "array", "maxItems": 2, "items": {"$ref": "#/definitions/Tag"}}}},
+    "any_of_one_of": {"type": "object", "required": ["v", "w"], "properties": {
+        "v": {"anyOf": [NAME, {"type": "null"}]}, "w": {"oneOf": [{"type": "boolean"}, {"enum": [1, 2]}]}}},
+    "prefix_items_formats": {"type": "array", "items": False, "minItems": 3, "prefixItems": [
+        {"type": "string", "format": "date"}, {"type": "string", "format": "email"}, {"type": ["boolean", "null"]}]},
+    "annotations_discriminator": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://example.com/pet.json",
+        "$comment": "annotations only", "title": "Pet", "description": "A pet", "type": "object",
+        "required": ["pet"], "properties": {
+            "pet": {"discriminator": {"propertyName": "kind"}, "oneOf": [
+                {"type": "object", "required": ["kind", "lives"], "properties": {
+                    "kind": {"const": "cat"}, "lives": {"type": "integer", "minimum": 0, "maximum": 9}}},
+                {"type": "object", "required": ["kind", "good"], "properties": {
+                    "kind": {"const": "dog"}, "good": {"type": "boolean"}}}]},
+            "nickname": {"type": "string", "maxLength": 10, "default": "none", "examples": ["Rex"],
+                         "deprecated": True, "readOnly": True},
+            "secret": {"type": "string", "maxLength": 10, "writeOnly": True}}},
+    "unbounded": {  # nothing bounded: only the token budget can end it
+        "type": "object", "required": ["title", "count", "score", "tags", "meta"], "properties": {
+            "title": {"type": "string"}, "count": {"type": "integer"},
+            "score": {"type": "number", "minimum": -1, "maximum": 1},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "meta": {"type": "object", "required": ["notes"], "properties": {
+                "notes": {"type": "array", "minItems": 1, "items": {"type": "string"}}}}}},
+}
+
+
+def keywords(node) -> set[str]:
+    if isinstance(node, list):
+        return set().union(*map(keywords, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    found = set(node)
+    for key, value in node.items():
+        if key in ("properties", "$defs", "definitions"):
+            found |= keywords(list(value.values()))
+        elif key in ("items", "additionalProperties", "anyOf", "oneOf", "prefixItems"):
+            found |= keywords(value)
+    return found
+
+
+def test_schemas_under_test_cover_every_supported_keyword():
+    used = keywords(list(PRESETS.values()) + list(KEYWORD_SCHEMAS.values()))
+    assert SUPPORTED_KEYWORDS <= used, SUPPORTED_KEYWORDS - used
+
+
+# --- ready schemas ----------------------------------------------------------------------------------
+
+# What a perfect extraction of each sample text says: for grounding, and to prove the schemas fit.
+EXPECTED = {
+    "contact_card": {
+        "name": "Dr. Amara Okafor", "job_title": "Head of Procurement", "company": "Brightline Logistics",
+        "emails": ["amara.okafor@brightline-logistics.co.uk"],
+        "phones": [{"number": "+44 7700 900123", "kind": "mobile"}, {"number": "+44 20 7946 0321", "kind": "work"}],
+        "address": "14 Canal Wharf, Leeds LS11 5PS, United Kingdom", "website": "www.brightline-logistics.co.uk"},
+    "invoice": {
+        "invoice_number": "2024-0117", "issue_date": "2024-03-12", "due_date": "2024-04-11",
+        "seller": {"name": "Northwind Traders Lda", "address": "Rua do Ouro 42, 1100-060 Lisboa, Portugal",
+                   "vat_id": "PT514283917"},
+        "buyer": {"name": "Maria Santos", "address": "Rua das Flores 8, 4050-262 Porto"}, "currency": "EUR",
+        "line_items": [{"description": "Recycled copy paper A4", "quantity": 3, "unit_price": 4.5, "amount": 13.5},
+                       {"description": "Black ink cartridge", "quantity": 2, "unit_price": 19.9, "amount": 39.8}],
+        "subtotal": 53.3, "tax": 12.26, "total": 65.56},
+    "calendar_event": {
+        "title": "quarterly budget review", "date": "2024-06-06", "start_time": "10:30", "end_time": "12:00",
+        "timezone": "CET", "location": "meeting room B on the 3rd floor",
+        "online_link": "https://meet.example.com/q2-budget",
+        "attendees": ["Lena Fischer", "Tomás Rivera", "Priya Natarajan"]},
+    "product_review": {
+        "product": "Aurora X2 wireless headphones", "rating": 4, "sentiment": "mixed",
+        "pros": ["noise cancelling is excellent", "battery easily lasts a week"],
+        "cons": ["ear cushions get warm", "carrying case feels cheap"], "would_recommend": True},
+    "meeting_action_items": {
+        "meeting_title": "Website relaunch sync", "date": "2024-09-03",
+        "attendees": ["Hannah Lee", "Marcus Brown", "Sofia Rossi"],
+        "decisions": ["launch on 1 October instead of 15 September", "the old forum is shut down at launch"],
+        "action_items": [
+            {"task": "finish the new pricing page", "owner": "Hannah", "due_date": "2024-09-13", "priority": "high"},
+            {"task": "fix the broken contact form", "owner": "Marcus"},
+            {"task": "write the launch announcement for the blog", "owner": "Sofia", "due_date": "2024-09-24"}]},
+    "job_posting": {
+        "job_title": "Senior Data Engineer", "company": "Kestrel Analytics", "location": "Amsterdam",
+        "work_mode": "hybrid", "employment_type": "full-time",
+        "salary": {"min": 70000, "max": 85000, "currency": "EUR", "period": "year"}, "experience_years": 5,
+        "requirements": ["building data pipelines in Python", "Apache Spark and Airflow"],
+        "benefits": ["28 days of paid leave", "a yearly learning budget"],
+        "apply_to": "jobs@kestrel-analytics.nl", "deadline": "2024-11-30"},
+}
+NOT_IN_TEXT = {"mixed", "mobile", "work", "high", "hybrid", "full-time", "year", "2024-03-12", "2024-04-11",
+               "2024-06-06", "2024-09-03", "2024-09-13", "2024-09-24", "2024-11-30"}
+
+
+def test_presets_are_documented_supported_schemas_that_fit_their_sample():
+    assert set(PRESETS) == {"contact_card", "invoice", "calendar_event", "product_review",
+                            "meeting_action_items", "job_posting"}
+    for name, schema in PRESETS.items():
+        assert schema["title"] and schema["description"] and SAMPLES[name].strip()
+        extract_module.check_schema(schema)
+        jsonschema.validate(EXPECTED[name], schema)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_value_of_a_perfect_extraction_is_grounded_in_the_sample(name):
+    text, spans = SAMPLES[name], ground(EXPECTED[name], SAMPLES[name])
+    for path, value in string_leaves(EXPECTED[name]):
+        if value in NOT_IN_TEXT:
+            continue
+        assert spans[path] is not None, (path, value)
+        start, end = spans[path]
+        assert " ".join(text[start:end].split()).casefold() == value.casefold()
+
+
+# --- grounding ----------------------------------------------------------------------------------------
+
+def test_grounding_exact_then_case_and_whitespace_insensitive():
+    text = "Invoice for ACME Corp.\nShip to:  Rua das\n   Flores 8, Porto. Contact: acme corp sales."
+    spans = ground({"a": "ACME Corp", "b": "acme corp", "c": "Rua das Flores 8", "d": "RUA DAS FLORES",
+                    "e": "Lisbon", "f": "  Porto ", "g": ""}, text)
+    assert spans["$.a"] == (12, 21)  # exact
+    assert spans["$.b"] == (text.index("acme corp"), text.index("acme corp") + 9)  # exact wins over folded
+    start = text.index("Rua")
+    assert spans["$.c"] == (start, text.index("8,") + 1)  # across a line break and extra spaces
+    assert spans["$.d"] == (start, text.index("Flores") + 6)
+    assert spans["$.e"] is None and spans["$.g"] is None
+    assert spans["$.f"] == (text.index("Porto"), text.index("Porto") + 5)  # stripped
+
+
+def test_grounding_prefers_whole_words_and_maps_case_folding_back():
+    text = "Annual report by Ann. Straße 5"
+    grounder = Grounder(text)
+    assert grounder.find("Ann") == (17, 20)
+    assert grounder.find("nua") == (2, 5)  # inside a word when that is all there is
+    assert grounder.find("STRASSE 5") == (text.index("Straße"), len(text))
+
+
+def test_grounding_paths_cover_nested_arrays_and_odd_keys():
+    data = {"items": [{"name": "a"}, {"name": "b", "tags": ["c"]}], "first name": "d", "n": 1, "x": None}
+    assert [p for p, _ in string_leaves(data)] == [
+        "$.items[0].name", "$.items[1].name", "$.items[1].tags[0]", "$['first name']"]
+
+
+# --- the extraction prompt ----------------------------------------------------------------------------
+
+def test_prompt_states_task_schema_instructions_and_examples_as_turns():
+    schema = PRESETS["contact_card"]
+    example = ("Call Bo on 555 0100.", {"name": "Bo", "phones": [{"number": "555 0100"}]})
+    messages = build_messages(schema, instructions="Names without titles.", examples=[example])
+    system = messages[0]["content"]
+    assert messages[0]["role"] == "system" and system.startswith(SYSTEM_PROMPT + "\nNames without titles.\n\n")
+    assert system.endswith("Schema:\n" + json.dumps(schema, ensure_ascii=False))
+    assert messages[1:] == [{"role": "user", "content": example[0]},
+                            {"role": "assistant", "content": json.dumps(example[1])}]
+
+
+def test_bad_schema_or_examples_fail_before_any_generation(tiny):
+    _, tok = tiny
+    model = None  # generating would fail on it: the error must come first
+    with pytest.raises(SchemaError, match=r"unsupported schema keyword 'if' at \$\.properties\.x"):
+        extract(model, tok, "text", {"type": "object", "properties": {"x": {"if": {}}}})
+    with pytest.raises(SchemaError, match="invalid schema"):
+        extract_many(model, tok, ["text"], {"type": "strin"})
+    with pytest.raises(ValueError, match=r"examples\[0\] does not match the schema: 5 is not of type 'string'"):
+        extract(model, tok, "text", PRESETS["contact_card"], examples=[("Bo", {"name": 5})])
+
+
+# --- validity from random models ----------------------------------------------------------------------
+
+ALL_SCHEMAS = {**{f"preset:{k}": v for k, v in PRESETS.items()}, **KEYWORD_SCHEMAS}
+
+
+def assert_valid(results: list[Extraction], schema: dict, max_tokens: int) -> None:
+    """Each chunk's output (one line of `raw` each) parses, validates and ended within its budget."""
+    for r in results:
+        assert r.valid and r.error is None, (r.error, r.raw)
+        jsonschema.validate(r.data, schema)
+        lines = r.raw.split("\n")
+        assert len(lines) == r.chunks
+        for line in lines:
+            jsonschema.validate(json.loads(line), schema)
+        assert 0 < r.stats.generation_tokens <= max_tokens * r.chunks and r.stats.prompt_tokens > 0
+        assert r.stats.mask_ms_per_token > 0
+
+
+@pytest.mark.parametrize("seed, name", enumerate(sorted(ALL_SCHEMAS)))
+def test_random_tiny_model_output_always_validates(tiny, seed, name):
+    """Three documents (so greedy decoding differs) at temperature 0, and at 0.7 with a seed per schema."""
+    model, tok = tiny
+    schema = ALL_SCHEMAS[name]
+    texts = [SAMPLES[k] for k in ("invoice", "product_review", "meeting_action_items")]
+    max_tokens = 64 if name.startswith("preset:") else 40
+    for temperature in (0.0, 0.7):
+        results = extract_many(model, tok, texts, schema, max_tokens=max_tokens, temperature=temperature,
+                               seed=seed, progress=False)
+        assert_valid(results, schema, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def model_350m(checkpoint_350m):
+    require_shared()
+    import lfm_mlx
+
+    return lfm_mlx.load(checkpoint_350m, dtype="float32")
+
+
+@pytest.mark.parametrize("name, temperature", [("contact_card", 0.0), ("meeting_action_items", 0.7)])
+def test_random_350m_shape_output_always_validates(model_350m, name, temperature):
+    """An e-mail format, greedy; a required array of objects, sampled."""
+    model, tok = model_350m
+    result = extract(model, tok, SAMPLES[name], PRESETS[name], max_tokens=32, temperature=temperature, seed=0)
+    assert_valid([result], PRESETS[name], 32)
+
+
+def test_pydantic_model_class_as_schema(tiny):
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+
+    class Owner(BaseModel):
+        name: str = Field(max_length=20)
+        pets: list[Cat] = Field(max_length=2)
+
+    model, tok = tiny
+    result = extract(model, tok, "Ada has a cat with 9 lives.", Owner, max_tokens=48, temperature=0.7, seed=3)
+    assert result.valid
+    assert Owner.model_validate(result.data).name == result.data["name"]
+
+
+# --- scripted replies: known values through the real engine -------------------------------------------
+
+@pytest.fixture
+def scripted(tiny, monkeypatch):
+    """Make the tiny model reply `reply(document)` by forcing its tokens; the JSON grammar still runs."""
+    model, tok = tiny
+    real = extract_module.stream_generate
+    prompts: list[str] = []
+
+    def install(reply):
+        def stream_generate(model, tokenizer, messages, **kwargs):
+            prompts.append(messages[-1]["content"])
+            ids = tok.encode(json.dumps(reply(messages[-1]["content"]), ensure_ascii=False), add_special_tokens=False)
+            kwargs["logits_processors"] = [forcing(ids), *kwargs["logits_processors"]]
+            return real(model, tokenizer, messages, **kwargs)
+
+        monkeypatch.setattr(extract_module, "stream_generate", stream_generate)
+        return prompts
+
+    return install
+
+
+def test_spans_of_a_known_extraction_point_at_the_values(tiny, scripted):
+    model, tok = tiny
+    name = "invoice"
+    scripted(lambda document: EXPECTED[name])
+    result = extract(model, tok, SAMPLES[name], PRESETS[name])
+    assert result.valid and result.data == EXPECTED[name] and not result.chunked and result.chunks == 1
+    text = SAMPLES[name]
+    assert result.spans["$.buyer.name"] == (text.index("Maria Santos"), text.index("Maria Santos") + 12)
+    assert result.spans["$.seller.name"] == (0, len("NORTHWIND TRADERS LDA"))  # case-insensitive
+    item = result.spans["$.line_items[1].description"]
+    assert text[item[0]:item[1]] == "Black ink cartridge"
+    assert result.spans["$.issue_date"] is None  # "2024-03-12" is written "12 March 2024"
+    assert json.loads(json.dumps(result.to_dict()))["spans"]["$.buyer.name"] == list(result.spans["$.buyer.name"])
+
+
+PEOPLE = ["Alice", "Bruno", "Chiara", "Dmitri", "Esther", "Farid", "Greta", "Hiroshi", "Ingrid", "Jamal",
+          "Kofi", "Leila"]
+PEOPLE_SCHEMA = {"type": "object", "required": ["project", "people"], "properties": {
+    "project": {"type": "string"}, "people": {"type": "array", "items": {"type": "string"}}}}
+
+
+def long_document() -> str:
+    sentences = [f"{p} reviewed the quarterly numbers with the finance team and wrote a short note." for p in PEOPLE]
+    sentences[5] += " This was for Project Falcon."
+    sentences[11] += " Next up is Project Heron."
+    return "\n\n".join(" ".join(sentences[i:i + 2]) for i in range(0, len(sentences), 2))
+
+
+def people_in(document: str) -> dict:
+    project = re.search(r"Project \w+", document)
+    return {"project": project.group(0) if project else "", "people": [p for p in PEOPLE if p in document]}
+
+
+def test_document_three_times_the_budget_is_chunked_and_merged(tiny, scripted):
+    model, tok = tiny
+    text, budget = long_document(), 60
+    assert len(tok.encode(text, add_special_tokens=False)) >= 3 * budget
+    chunks = scripted(people_in)
+    result = extract(model, tok, text, PEOPLE_SCHEMA, context_budget=budget)
+    assert result.chunked and result.chunks == len(chunks) >= 3
+    assert all(chunk.strip() and chunk in text for chunk in chunks)
+    assert sum(len(people_in(c)["people"]) for c in chunks) > len(PEOPLE)  # chunks overlap...
+    assert result.data == {"project": "Project Falcon", "people": PEOPLE}  # ...and duplicates are dropped
+    assert result.valid and result.raw.count("\n") == result.chunks - 1
+    assert result.spans["$.project"] == (text.index("Project Falcon"), text.index("Project Falcon") + 14)
+    assert result.spans["$.people[3]"] == (text.index("Dmitri"), text.index("Dmitri") + 6)
+
+
+def test_random_model_on_a_long_document_still_validates(tiny):
+    model, tok = tiny
+    result = extract(model, tok, long_document(), PRESETS["meeting_action_items"], context_budget=60,
+                     max_tokens=40, temperature=0.7, seed=1)
+    assert result.chunked and result.chunks >= 3
+    assert_valid([result], PRESETS["meeting_action_items"], 40)
+
+
+def test_split_text_keeps_sentences_whole_fits_the_budget_and_overlaps(tiny):
+    _, tok = tiny
+
+    def count(s):
+        return len(tok.encode(s, add_special_tokens=False))
+
+    text = long_document()
+    ranges = split_text(text, count, 60)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(text)
+    for (s1, e1), (s2, e2) in zip(ranges, ranges[1:]):
+        assert s1 < s2 < e1 <= e2  # consecutive chunks overlap and move forward
+    for s, e in ranges:
+        assert count(text[s:e]) <= 60 + 2  # pieces counted apart can merge a token or two differently
+        assert s == 0 or text[s - 1].isspace() and text[s - 2] in ".\n"
+    assert split_text("short", count, 60) == [(0, 5)]
+    unbroken = "x" * 2000  # no boundary at all: halved until it fits
+    pieces = split_text(unbroken, count, 50)
+    assert len(pieces) > 1 and all(count(unbroken[s:e]) <= 50 for s, e in pieces)
+
+
+def test_merge_concatenates_arrays_without_duplicates_and_keeps_first_scalars():
+    schema = {"type": "object", "properties": {
+        "title": {"type": "string"}, "n": {"type": ["integer", "null"]},
+        "tags": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
+        "who": {"$ref": "#/$defs/W"}}, "$defs": {"W": {"type": "object", "properties": {
+            "names": {"type": "array", "items": {"type": "string"}}, "city": {"type": "string"}}}}}
+    first = {"title": "", "n": None, "tags": ["a"], "who": {"names": ["x"], "city": "Rome"}}
+    later = {"title": "T", "n": 2, "tags": ["a", "b", "c", "d"], "who": {"names": ["x", "y"], "city": "Oslo"}, "new": 1}
+    assert merge(first, later, schema) == {
+        "title": "T", "n": 2, "tags": ["a", "b", "c"], "who": {"names": ["x", "y"], "city": "Rome"}, "new": 1}
+    either = {"anyOf": [
+        {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+        {"type": "object", "required": ["b"], "properties": {"b": {"type": "integer"}}, "additionalProperties": False}]}
+    assert merge_all([{"a": 1}, {"b": 2}, {"a": 3}], either) == {"a": 1}  # {"a", "b"} fits neither branch
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+def test_extract_many_keeps_order_reports_bad_texts_and_matches_single_extraction(tiny):
+    model, tok = tiny
+    schema = KEYWORD_SCHEMAS["refs_defs_definitions"]
+    texts = [SAMPLES["product_review"], 42, SAMPLES["contact_card"], "", long_document()]
+    options = dict(max_tokens=40, context_budget=120)
+    results = extract_many(model, tok, texts, schema, **options, batch_size=3, progress=False)
+    assert len(results) == len(texts)
+    assert not results[1].valid and results[1].error == "text must be a string, not int" and results[1].chunks == 0
+    assert [r.chunked for r in results] == [False, False, False, False, True]
+    for text, result in zip(texts, results):
+        if isinstance(text, str):
+            single = extract(model, tok, text, schema, **options)
+            assert result.valid and result.raw == single.raw and result.chunks == single.chunks
+
+
+def test_a_failing_batch_is_retried_row_by_row_and_a_failing_row_is_reported(tiny, monkeypatch):
+    model, tok = tiny
+    real = extract_module._generate_one
+
+    def batch(*args, **kwargs):
+        raise RuntimeError("batch broke")
+
+    def one(model, tokenizer, prompt, schema, **options):
+        if "poison" in tokenizer.decode(prompt):
+            raise RuntimeError("row broke")
+        return real(model, tokenizer, prompt, schema, **options)
+
+    monkeypatch.setattr(extract_module, "_generate_batch", batch)
+    monkeypatch.setattr(extract_module, "_generate_one", one)
+    results = extract_many(model, tok, ["poison pill", "a fine text"], KEYWORD_SCHEMAS["enum_const"],
+                           max_tokens=24, progress=False)
+    assert not results[0].valid and results[0].error == "generation failed: row broke"
+    assert results[1].valid and results[1].error is None
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_cli_processes_jsonl_reports_bad_lines_and_writes_csv(tiny_checkpoint, tmp_path, capsys):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [
+        json.dumps({"id": "inv-1", "text": SAMPLES["invoice"]}),
+        '{"id": "broken", "text": ',
+        json.dumps(SAMPLES["contact_card"]),
+        "",
+        json.dumps({"id": 7, "body": "no text field"}),
+    ])
+    out, table = tmp_path / "out.jsonl", tmp_path / "out.csv"
+    code = main(["--schema", "invoice", "--input", str(docs), "--output", str(out), "--csv", str(table),
+                 "--model", str(tiny_checkpoint), "--max-tokens", "32"])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == ["inv-1", 2, 3, 7]
+    assert [r["valid"] for r in records] == [True, False, True, False]
+    assert records[1]["error"] == "line 2: not valid JSON (Expecting value at column 25)"
+    assert records[3]["error"] == 'line 5: expected a string or an object with a string "text"'
+    jsonschema.validate(records[0]["data"], PRESETS["invoice"])
+    assert set(records[0]) == {"id", *Extraction.failed("").to_dict()}
+    rows = list(csv.reader(table.open(encoding="utf-8")))
+    assert rows[0] == ["id", "valid", "error", *PRESETS["invoice"]["properties"]]
+    assert [row[:2] for row in rows[1:]] == [["inv-1", "true"], ["2", "false"], ["3", "true"], ["7", "false"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.csv", "out.jsonl"]  # no temp files
+    assert "4 records: 2 valid, 2 with errors" in capsys.readouterr().err
+
+
+def test_cli_reads_a_directory_of_text_and_markdown_files(tiny_checkpoint, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text(SAMPLES["calendar_event"], encoding="utf-8")
+    (docs / "sub" / "b.md").write_text("# Notes\nLunch with Bo on 2 May.", encoding="utf-8")
+    (docs / "c.json").write_text("{}", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    schema = tmp_path / "event.json"
+    schema.write_text(json.dumps(PRESETS["calendar_event"]), encoding="utf-8")
+    assert main(["--schema", str(schema), "--input", str(docs), "--output", str(out),
+                 "--model", str(tiny_checkpoint), "--max-tokens", "24", "--temperature", "0.7", "--seed", "1"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["valid"]) for r in records] == [("a.txt", True), ("sub/b.md", True)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_schema", "error: schema file not found: nope.json"),
+    ("invalid_schema", "error: unsupported schema keyword 'uniqueItems' at $"),
+    ("missing_input", "error: input not found: "),
+    ("empty_input", "error: no records in "),
+])
+def test_cli_errors_are_one_line_with_no_output(tmp_path, capsys, case, message):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "array", "uniqueItems": True} if case == "invalid_schema"
+                                 else PRESETS["invoice"]), encoding="utf-8")
+    docs = write_jsonl(tmp_path / "docs.jsonl", ["" if case == "empty_input" else json.dumps("text")])
+    args = {"--schema": "nope.json" if case == "missing_schema" else str(schema),
+            "--input": str(tmp_path / "absent.jsonl") if case == "missing_input" else str(docs),
+            "--output": str(tmp_path / "out.jsonl")}
+    assert main([x for kv in args.items() for x in kv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lfm_mlx.extract", "--schema", "nope.json", "--input", "x",
+                           "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1 and proc.stderr == "error: schema file not found: nope.json\n"
