@@ -1,0 +1,75 @@
+"""``python -m app``: pick the model (converting it once if needed), load it, and serve the web UI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+STYLE = Path(__file__).with_name("style.css")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from lfm_mlx.demo import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="python -m app", description="Chat and structured extraction with LFM2 on MLX.")
+    p.add_argument("--model", help=f"hub id or local directory (default {DEFAULT_MODEL}, converted once to "
+                                   "MLX 4-bit and cached in ~/.cache/lfm_mlx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-kv-size", type=int, default=32768,
+                   help="attention window in tokens; longer chats roll, keeping the start and the most recent "
+                        "(0: unbounded)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the KV cache to save memory")
+    p.add_argument("--demo", action="store_true", help="run the small random-weight demo model (no download)")
+    args = p.parse_args(argv)
+    if args.max_kv_size < 0 or 0 < args.max_kv_size <= 64:
+        p.error("--max-kv-size must be 0 (unbounded) or more than 64 tokens")
+    return args
+
+
+def theme(gr):
+    """Soft, with the system's fonts: a local app should not fetch fonts from the internet."""
+    return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
+                          font=["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
+
+
+def main(argv=None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    from lfm_mlx.demo import resolve_model
+
+    from . import Runtime
+
+    try:
+        choice = resolve_model(args.model, demo=args.demo)
+        runtime = Runtime(choice, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Loaded {choice.name} from {choice.path} in {time.perf_counter() - start:.1f} s"
+          + (" — DEMO MODEL, random weights" if choice.demo else ""), flush=True)
+
+    import gradio as gr
+
+    from .ui import build
+
+    page = build(runtime)
+    page.queue(default_concurrency_limit=None)  # model events share their own single slot (ui.MODEL_EVENT)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="20mb",
+                    theme=theme(gr), css_paths=[STYLE],
+                    footer_links=["api"])
+    except OSError as e:  # the port is taken
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
