@@ -23,6 +23,17 @@ class ConvCache:
         self.state: Optional[mx.array] = None  # [B, K - 1, C]
         self.offset = 0  # tokens seen, padding included
         self.left_padding = left_padding
+        # Speculative decoding keeps the last call's whole input window [B, K - 1 + L, C]: the state
+        # after any of its L positions is a slice of it, so rejected drafts cost no recomputation.
+        self.keep_window = False
+        self.window: Optional[mx.array] = None
+
+    def rewind(self, fed: int, kept: int) -> None:
+        """Forget the last ``fed - kept`` of the ``fed`` tokens of the last call (needs ``keep_window``)."""
+        if kept < fed:
+            width = self.state.shape[1]
+            self.state = self.window[:, kept : kept + width]
+            self.offset -= fed - kept
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +133,10 @@ class KVCache:
         ks = tuple(b[..., : self.offset, :] for b in self.keys)
         vs = tuple(b[..., : self.offset, :] for b in self.values)
         return (ks[0], vs[0]) if self.bits is None else (ks, vs)
+
+    def rewind(self, fed: int, kept: int) -> None:
+        """Forget the last ``fed - kept`` tokens written (their slots are simply overwritten later)."""
+        self.offset -= fed - kept
 
     @property
     def nbytes(self) -> int:

@@ -1,19 +1,21 @@
 """The token loop: chunked prefill, one-token decode steps, streamed text, stop strings, batches.
 
-Prefill and the decode step are two small functions (gpt-fast's split); ``stream_generate`` drives
-them and turns tokens into text. The next step is queued (``mx.async_eval``) before the current token
-is detokenized, so the device never waits on Python.
+Prefill and the decode step are two small functions (gpt-fast's split); ``decode_tokens`` runs the
+steps and ``stream_generate`` turns their tokens into text. The next step is queued
+(``mx.async_eval``) before the current token is detokenized, so the device never waits on Python.
+Speculative decoding by prompt lookup is one more token loop beside it (``prompt_lookup_tokens``).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import KVCache, PromptCache, make_cache
+from .cache import ConvCache, KVCache, PromptCache, make_cache
 from .sample import SamplingSettings, build_processors, build_sampler
 from .tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls
 
@@ -110,13 +112,115 @@ class StopMatcher:
         return out
 
 
-def _sample(logits: mx.array, history: mx.array, processors: list, sampler: Callable) -> mx.array:
+def _sample(logits: mx.array, history: mx.array, processors: list, sampler: Callable,
+            greedy: bool = False) -> mx.array:
     if processors:
         mx.async_eval(logits)  # the forward pass runs while the processors (e.g. a grammar mask) work
         for p in processors:
             logits = p(history, logits)
+    if greedy:  # argmax needs no normalisation: skips a 65k-wide exp per token
+        return mx.argmax(logits, axis=-1)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs)
+
+
+def decode_tokens(step: Callable[[mx.array], mx.array], token: int, cache: PromptCache,
+                  max_tokens: int) -> Iterator[int]:
+    """Plain decoding: ``step`` feeds one token and returns the next, already queued (async_eval).
+    Each step is queued before the previous token is read back, so the device never waits on Python;
+    ``cache.tokens`` always lists exactly the tokens the cache holds."""
+    y = step(mx.array([token]))
+    cache.tokens.append(token)
+    for n in range(1, max_tokens + 1):
+        next_y = step(y) if n < max_tokens else None
+        token = y.item()
+        if next_y is not None:
+            cache.tokens.append(token)
+        yield token
+        y = next_y
+
+
+class NgramIndex:
+    """Where each n-gram (min_n <= n <= max_n) of a token sequence last occurred with a token after it."""
+
+    def __init__(self, tokens: Sequence[int], max_n: int = 3, min_n: int = 2):
+        self.tokens: list[int] = []
+        self.max_n, self.min_n = max_n, min_n
+        self.next_position: dict[tuple, int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        end = len(self.tokens) - 1  # the n-grams ending just before the new token now have a successor
+        for n in range(self.min_n, min(self.max_n, end) + 1):
+            self.next_position[tuple(self.tokens[end - n : end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """The ``k`` tokens that followed the latest earlier occurrence of the longest suffix found.
+        A single matching token is too weak a clue: wrong drafts cost a wider verification pass."""
+        for n in range(min(self.max_n, len(self.tokens)), self.min_n - 1, -1):
+            position = self.next_position.get(tuple(self.tokens[-n:]))
+            if position is not None:
+                return self.tokens[position : position + k]
+        return []
+
+
+@dataclass
+class SpeculativeStats:
+    steps: int = 0  # verification passes
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def prompt_lookup_tokens(model, cache: PromptCache, token: int, max_tokens: int, draft_tokens: int = 3,
+                         ngram: tuple = (2, 3), stats: Optional[SpeculativeStats] = None,
+                         reference: Sequence[int] = ()) -> Iterator[int]:
+    """Greedy decoding that guesses ahead by prompt lookup: the tokens that followed the latest earlier
+    occurrence of the text's last n-gram are drafted, all checked in one forward pass, and the longest
+    prefix that greedy decoding agrees with is kept, plus the model's own next token. The conv states
+    rewind to the last kept position by slicing the verification pass's conv window; KV offsets just
+    step back. Yields exactly the tokens plain greedy decoding would. ``reference``: more tokens to
+    draft from that the model does not read (a predicted output, such as the text being edited)."""
+    stats = stats if stats is not None else SpeculativeStats()
+    index = NgramIndex([*reference, *cache.tokens, token], max_n=max(ngram), min_n=min(ngram))
+    kv = [c for c in cache.layers if isinstance(c, KVCache)]
+    for c in cache.layers:
+        if isinstance(c, ConvCache):
+            c.keep_window = True
+    try:
+        emitted = 0
+        while emitted < max_tokens:
+            # Drafts must not roll the KV window: plain decoding would roll it at another moment.
+            room = min([draft_tokens, max_tokens - emitted - 1,
+                        *(c.max_size - c.offset - 1 for c in kv if c.max_size)])
+            draft = index.draft(max(room, 0))
+            fed = [token] + draft
+            greedy = mx.argmax(model(mx.array([fed]), cache=cache.layers)[0], axis=-1).tolist()
+            kept = 1
+            while kept < len(fed) and fed[kept] == greedy[kept - 1]:
+                kept += 1
+            for c in cache.layers:
+                c.rewind(len(fed), kept)
+            cache.tokens.extend(fed[:kept])
+            stats.steps += 1
+            stats.drafted += len(draft)
+            stats.accepted += kept - 1
+            for t in greedy[:kept]:
+                index.append(t)
+                emitted += 1
+                yield t
+                if emitted == max_tokens:
+                    return
+            token = greedy[kept - 1]
+    finally:
+        for c in cache.layers:
+            if isinstance(c, ConvCache):
+                c.keep_window, c.window = False, None
 
 
 def stream_generate(
@@ -141,16 +245,29 @@ def stream_generate(
     keep: int = 4,
     prefill_step_size: int = 512,
     checkpoints: Sequence[int] = (),
+    speculative: Union[bool, str, None] = None,
+    draft_tokens: int = 3,
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token. Sampling settings default to the
     checkpoint's generation_config.json (see ``lfm_mlx.sample``). Pass a ``PromptCache`` to reuse
-    state across calls: only the part of ``prompt`` that differs from what it holds is prefilled."""
+    state across calls: only the part of ``prompt`` that differs from what it holds is prefilled.
+    ``speculative="prompt_lookup"`` (or True) drafts up to ``draft_tokens`` tokens at a time from the
+    prompt (see ``prompt_lookup_tokens``): the same output as greedy decoding, faster when the reply
+    copies from the prompt (extraction, editing); it needs temperature=0 and no logits processors."""
     tokens = encode_prompt(tokenizer, prompt, tools)
     settings = getattr(model, "sampling_defaults", SamplingSettings()).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
     )
     sampler, processors = build_sampler(settings), build_processors(settings, logits_processors)
+    greedy = settings.temperature == 0
+    if speculative not in (None, False, True, "prompt_lookup"):
+        raise ValueError(f"speculative must be 'prompt_lookup' (or True), not {speculative!r}")
+    if speculative and (not greedy or processors):
+        raise ValueError(
+            "speculative decoding reproduces greedy decoding only: pass temperature=0 and "
+            "repetition_penalty=1.0, and no logits_processors"
+        )
     cache = prompt_cache or PromptCache(model, max_kv_size=max_kv_size, keep=keep, kv_bits=kv_bits)
     if seed is not None:
         mx.random.seed(seed)
@@ -168,24 +285,26 @@ def stream_generate(
         logits = model(token[None], cache=cache.layers)[:, -1, :]
         if processors:
             history = mx.concatenate([history, token])
-        y = _sample(logits, history, processors, sampler)
+        y = _sample(logits, history, processors, sampler, greedy)
         mx.async_eval(y, history)  # evaluating history too keeps it one array, not a growing graph
         return y
 
-    y = step(mx.array(tokens[-1:]))
-    cache.tokens.append(tokens[-1])
+    if speculative:
+        stream = prompt_lookup_tokens(model, cache, tokens[-1], max_tokens, draft_tokens)
+    else:
+        stream = decode_tokens(step, tokens[-1], cache, max_tokens)
+    with closing(stream):
+        yield from _responses(stream, tokenizer, tokens, cached, start, stop, eos, max_tokens)
 
+
+def _responses(stream: Iterator[int], tokenizer, tokens: list, cached: int, start: float,
+               stop: Sequence[str], eos: set, max_tokens: int) -> Iterator[GenerationResponse]:
+    """Token ids → streamed text, stop strings, finish reasons, timings and tool-call marks."""
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     stops = StopMatcher(stop)
     reply, ttft, prompt_tps = "", 0.0, 0.0
-    for n in range(1, max_tokens + 1):
-        next_y = None
-        if n < max_tokens:
-            next_y = step(y)  # queued before we wait on y: the device stays busy
-        token = y.item()
-        if next_y is not None:
-            cache.tokens.append(token)
+    for n, token in enumerate(stream, 1):
         if n == 1:
             ttft = time.perf_counter() - start
             prompt_tps = (len(tokens) - cached) / max(ttft, 1e-9)
@@ -220,7 +339,6 @@ def stream_generate(
         )
         if finish:
             return
-        y = next_y
 
 
 def generate(model, tokenizer, prompt: Prompt, **kwargs) -> str:

@@ -2,6 +2,8 @@
 
 Layout and key names follow the Hugging Face checkpoints (``model.layers.N.conv.in_proj`` …), so
 weights load without renaming; ``sanitize`` is the one place where checkpoint layout is adapted.
+``Linear`` and ``Embedding`` are mlx's, except that their quantized forms stay fast on MLX's CPU
+backend too (see ``lfm_mlx.quantized``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .config import ModelArgs
+from .quantized import Embedding, Linear, project
 
 
 class Attention(nn.Module):
@@ -23,10 +26,10 @@ class Attention(nn.Module):
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = hd = args.head_dim
         self.scale = hd**-0.5
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.q_proj = Linear(args.hidden_size, self.n_heads * hd, bias=False)
+        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.out_proj = Linear(self.n_heads * hd, args.hidden_size, bias=False)
         self.q_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.k_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.rope = initialize_rope(
@@ -35,9 +38,10 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
-        k = self.k_layernorm(self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = self.q_layernorm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_layernorm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
         position = 0
         if cache is not None:
@@ -93,9 +97,9 @@ class ShortConv(nn.Module):
         super().__init__()
         d = args.hidden_size
         self.kernel_size = args.conv_L_cache
-        self.in_proj = nn.Linear(d, 3 * d, bias=args.conv_bias)
+        self.in_proj = Linear(d, 3 * d, bias=args.conv_bias)
         self.conv = DepthwiseCausalConv(d, args.conv_L_cache, args.conv_bias)
-        self.out_proj = nn.Linear(d, d, bias=args.conv_bias)
+        self.out_proj = Linear(d, d, bias=args.conv_bias)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)
@@ -111,18 +115,21 @@ class ShortConv(nn.Module):
         if cache is not None:
             cache.state = window[:, window.shape[1] - (self.kernel_size - 1) :]
             cache.offset += x.shape[1]
+            if cache.keep_window:
+                cache.window = window
         return self.out_proj(c * self.conv(window))
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, ff_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, ff_dim, bias=False)
-        self.w3 = nn.Linear(dim, ff_dim, bias=False)
-        self.w2 = nn.Linear(ff_dim, dim, bias=False)
+        self.w1 = Linear(dim, ff_dim, bias=False)
+        self.w3 = Linear(dim, ff_dim, bias=False)
+        self.w2 = Linear(ff_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.w1, self.w3)
+        return self.w2(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -146,7 +153,7 @@ class DecoderLayer(nn.Module):
 class LFM2Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, t != "conv") for t in args.layer_types]
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
@@ -191,7 +198,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = LFM2Model(args)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
         h = self.model(inputs, cache)

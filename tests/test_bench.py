@@ -1,0 +1,36 @@
+"""The benchmark program runs end to end (a tiny smoke run; the real numbers come from running it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lfm_mlx import bench
+
+
+def test_tiny_benchmark_writes_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--tiny", "--bits", "4", "--json", str(out), "--cache-dir", str(tmp_path / "cache")])
+    report = json.loads(out.read_text())
+    results = report["results"]
+    expected = {"prefill_tok_s_P32", "prefill_tok_s_P64", "decode_tok_s_ctx16", "decode_tok_s_ctx64",
+                "peak_memory_mb", "memory_mb_ctx256_kvfloat", "memory_mb_ctx256_kv8",
+                "batch_decode_tok_s_B1", "batch_decode_tok_s_B4"}
+    assert expected <= set(results)
+    for key in expected:
+        for lib in ("lfm_mlx", "mlx_lm"):
+            assert results[key][lib]["value"] > 0, (key, lib)
+        assert results[key]["ratio"] > 0
+    assert report["config"]["compute_dtype"] == {"lfm_mlx": "mlx.core.float32", "mlx_lm": "mlx.core.float32"}
+    for workload in ("document", "copy"):
+        spec = report["speculative"][workload]
+        assert spec["identical"] and spec["plain_tok_s"] > 0 and spec["prompt_lookup_tok_s"] > 0
+        assert 0 <= spec["acceptance"] <= 1
+    assert report["speculative"]["copy"]["acceptance"] > 0.5  # the reply is in the prompt
+
+
+def test_a_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as failure:
+        bench.main(["--model", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
+    assert "missing" in str(failure.value) and "error" in str(failure.value)

@@ -1,0 +1,264 @@
+"""Every fast path gives the plain path's answer: the CPU SIMD kernel, dequantize-then-matmul prefill,
+and speculative prompt-lookup decoding (identical greedy tokens)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import lfm_mlx
+from lfm_mlx import cpu_kernel, quantized
+from lfm_mlx.cache import KVCache, PromptCache
+from lfm_mlx.generate import NgramIndex, SpeculativeStats, prefill, prompt_lookup_tokens
+
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
+
+
+def relative_error(a: mx.array, b: mx.array) -> float:
+    return (mx.abs(a - b).max() / mx.abs(b).max()).item()
+
+
+def quantized_layer(n: int, k: int, bits: int, group_size: int, seed: int = 0) -> nn.Module:
+    layer = quantized.Linear(k, n, bias=False)
+    layer.weight = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
+    return layer.to_quantized(group_size, bits)
+
+
+@pytest.fixture(autouse=True)
+def kernel_for_every_size(monkeypatch):
+    """The tiny models' layers are below the kernel's size threshold: lower it so they exercise it."""
+    monkeypatch.setattr(cpu_kernel, "MIN_WEIGHTS", 0)
+
+
+def use_plain_paths(monkeypatch) -> None:
+    """MLX's own quantized_matmul at any number of rows."""
+    monkeypatch.setattr(quantized, "DEQUANTIZE_MIN_ROWS", 1 << 30)
+    monkeypatch.setattr(cpu_kernel, "applies", lambda x, layer: False)
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit(tiny_checkpoint):
+    """The tiny checkpoint quantized to 4 bits in memory (float32 scales, as loaded on the CPU)."""
+    model = lfm_mlx.load_model(tiny_checkpoint, dtype="float32")
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_quantized_layers_take_the_fast_classes(tiny_4bit):
+    assert isinstance(tiny_4bit.layers[0].feed_forward.w1, quantized.QuantizedLinear)
+    assert isinstance(tiny_4bit.model.embed_tokens, quantized.QuantizedEmbedding)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64)])
+def test_cpu_kernel_equals_mlx_quantized_matmul_and_rows_are_independent(bits, group_size):
+    if cpu_kernel.library() is None:
+        pytest.skip("no C compiler here: the model uses mx.quantized_matmul, which the other tests cover")
+    layer = quantized_layer(320, 512, bits, group_size)
+    x = mx.random.normal((16, 512), key=mx.random.key(1))
+    assert cpu_kernel.applies(x, layer)
+    ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
+                              group_size=group_size, bits=bits)
+    rows = mx.concatenate([cpu_kernel.quantized_matmul(x[i : i + 1], layer)[0] for i in range(16)])
+    for m in (1, 3, 4, 5, 16):
+        out = cpu_kernel.quantized_matmul(x[:m], layer)[0]
+        assert relative_error(out, ref[:m]) < 1e-5
+        # Bit-identical whatever the rows beside it: verification passes equal one-token steps.
+        assert mx.array_equal(out, rows[:m]).item()
+
+
+def test_project_equals_each_layer_alone_quantized_or_not():
+    """q/k/v and gate/up share one read of x on the CPU kernel; the answer is each layer's own."""
+    x = mx.random.normal((1, 3, 256), key=mx.random.key(4))
+    biased = quantized.Linear(256, 64, bias=True)
+    biased.bias = mx.random.normal((64,), key=mx.random.key(5))
+    layers = [quantized_layer(128, 256, 4, 64), quantized_layer(64, 256, 8, 64, seed=1),
+              biased.to_quantized(64, 4)]
+    for group in (layers, [quantized.Linear(256, 32)]):
+        outs = quantized.project(x, *group)
+        assert len(outs) == len(group)
+        for out, layer in zip(outs, group):
+            assert out.shape == (1, 3, layer.weight.shape[0])
+            assert relative_error(out, layer(x)) < 1e-6
+
+
+def test_small_layers_stay_on_mlx_kernel(monkeypatch):
+    """Leaving MLX costs a round trip that small products do not repay (the demo model's layers)."""
+    if cpu_kernel.library() is None:
+        pytest.skip("no C compiler here: every layer uses mx.quantized_matmul")
+    monkeypatch.undo()
+    x = mx.random.normal((1, 1024))
+    assert not cpu_kernel.applies(x, quantized_layer(64, 1024, 4, 64))
+    assert cpu_kernel.applies(x, quantized_layer(256, 1024, 4, 64))
+
+
+def test_quantized_layers_work_inside_mx_compile():
+    """Compiled code has no values to hand to the C kernel: MLX's own kernel takes over there."""
+    layer = quantized_layer(64, 128, 4, 64)
+    x = mx.random.normal((2, 128), key=mx.random.key(8))
+    assert relative_error(mx.compile(layer)(x), layer(x)) < 1e-5
+
+
+def test_without_a_compiler_the_model_uses_mlx_quantized_matmul(monkeypatch, tmp_path):
+    monkeypatch.setenv("LFM_MLX_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "false")  # a "compiler" that always fails
+    assert cpu_kernel._build() is None
+    monkeypatch.setattr(cpu_kernel, "_library", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", True)
+    layer = quantized_layer(64, 128, 4, 64)
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(9))
+    assert not cpu_kernel.applies(x, layer)
+    ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True)
+    assert mx.array_equal(layer(x), ref).item()
+
+
+def test_dequantized_matmul_equals_quantized_matmul_including_sliced_heads(monkeypatch):
+    layer = quantized_layer(1000, 256, 4, 64)
+    x = mx.random.normal((2, 40, 256), key=mx.random.key(2))
+    ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True)
+    assert relative_error(quantized.dequantized_matmul(x, layer), ref) < 1e-5
+    monkeypatch.setattr(quantized, "MAX_DEQUANTIZED_ELEMENTS", 256 * 300)  # 4 slices of rows
+    assert relative_error(quantized.dequantized_matmul(x, layer), ref) < 1e-5
+    embedding = quantized.Embedding(1000, 256).to_quantized(64, 8)
+    ref = mx.quantized_matmul(x, embedding.weight, embedding.scales, embedding.biases, transpose=True, bits=8)
+    assert relative_error(embedding.as_linear(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [3, 6])
+def test_dequantized_matmul_at_odd_bits_is_exact_in_bounded_memory(bits, monkeypatch):
+    """3/5/6-bit weights go through mx.dequantize, whose temporaries are many times its output:
+    slices are evaluated one at a time, also under mx.compile (where they cannot be)."""
+    monkeypatch.setattr(quantized, "MAX_DEQUANTIZED_ELEMENTS", 1 << 20)
+    layer = quantized_layer(2048, 1024, bits, 64)
+    x = mx.random.normal((1, 64, 1024), key=mx.random.key(3))
+    mx.eval(layer.parameters(), x)
+    ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, bits=bits)
+    mx.eval(ref)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    out = quantized.dequantized_matmul(x, layer)
+    mx.eval(out)
+    dequantized_weight = 2048 * 1024 * 4
+    assert mx.get_peak_memory() - base < dequantized_weight  # 1/16 of it per slice, plus temporaries
+    assert relative_error(out, ref) < 1e-5
+    assert relative_error(mx.compile(lambda a: quantized.dequantized_matmul(a, layer))(x), ref) < 1e-5
+
+
+def test_quantized_model_fast_paths_match_plain_logits(tiny_4bit, monkeypatch):
+    use_plain_paths(monkeypatch)
+    ids = mx.array(np.random.default_rng(0).integers(100, 60000, size=(1, 40)))
+    plain_full = tiny_4bit(ids)
+    cache = lfm_mlx.make_cache(tiny_4bit)
+    plain_steps = mx.concatenate([tiny_4bit(ids[:, :33], cache=cache)] +
+                                 [tiny_4bit(ids[:, i : i + 1], cache=cache) for i in range(33, 40)], axis=1)
+    monkeypatch.undo()  # the fast paths again
+    fast_full = tiny_4bit(ids)  # 40 rows: dequantize-then-matmul
+    cache = lfm_mlx.make_cache(tiny_4bit)
+    fast_steps = mx.concatenate([tiny_4bit(ids[:, :33], cache=cache)] +
+                                [tiny_4bit(ids[:, i : i + 1], cache=cache) for i in range(33, 40)], axis=1)
+    assert relative_error(fast_full, plain_full) < 1e-4
+    assert relative_error(fast_steps, plain_steps) < 1e-4
+    assert mx.array_equal(fast_full.argmax(-1), plain_full.argmax(-1)).item()
+
+
+@pytest.mark.parametrize("which", ["float", "4-bit"])
+def test_fast_paths_generate_the_plain_greedy_tokens(which, tiny, tiny_4bit, monkeypatch):
+    model = tiny[0] if which == "float" else tiny_4bit
+    tok = tiny[1]
+    prompt = np.random.default_rng(1).integers(100, 60000, size=90).tolist()
+    opts = dict(max_tokens=24, **GREEDY)
+    fast = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, **opts)]
+    use_plain_paths(monkeypatch)
+    plain = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, **opts)]
+    assert fast == plain
+
+
+def extraction_like_prompts(n: int = 3) -> list:
+    """Documents with repeated spans, then the start of a span again: drafts that are sometimes right."""
+    rng = np.random.default_rng(7)
+    prompts = []
+    for _ in range(n):
+        doc = rng.integers(100, 60000, size=60).tolist()
+        prompts.append(doc + doc[10:30] + [5, 6] + doc[:8] + doc[40:44])
+    return prompts
+
+
+@pytest.mark.parametrize("which", ["float", "4-bit"])
+def test_prompt_lookup_emits_exactly_the_greedy_tokens(which, tiny, tiny_4bit):
+    model = tiny[0] if which == "float" else tiny_4bit
+    tok = tiny[1]
+    stats = SpeculativeStats()
+    for prompt in extraction_like_prompts():
+        plain = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_tokens=32, **GREEDY)]
+        spec = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_tokens=32, speculative=True,
+                                                         draft_tokens=4, **GREEDY)]
+        assert spec == plain
+        cache = PromptCache(model)
+        prefill(model, cache, prompt[:-1])
+        assert list(prompt_lookup_tokens(model, cache, prompt[-1], 32, stats=stats)) == plain
+    # Both outcomes were exercised: drafts kept and drafts thrown away (conv and KV rewound).
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_prompt_lookup_from_a_reference_is_exact_whether_or_not_the_reference_is_right(tiny):
+    model, tok = tiny
+    prompt = np.random.default_rng(3).integers(100, 60000, size=40).tolist()
+    plain = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_tokens=40, **GREEDY)]
+    wrong = np.random.default_rng(4).integers(100, 60000, size=40).tolist()
+    acceptance = []
+    for reference in (plain, plain[:2] + wrong):
+        cache, stats = PromptCache(model), SpeculativeStats()
+        prefill(model, cache, prompt[:-1])
+        out = list(prompt_lookup_tokens(model, cache, prompt[-1], 40, stats=stats, reference=reference))
+        assert out == plain and stats.drafted > 0
+        acceptance.append(stats.acceptance)
+    assert acceptance[0] >= 0.5 and acceptance[1] < 1.0  # the wrong reference's drafts were rewound
+
+
+def test_prompt_lookup_leaves_the_cache_as_plain_decoding_does(tiny):
+    model, tok = tiny
+    prompt = extraction_like_prompts(1)[0]
+    caches = [PromptCache(model), PromptCache(model)]
+    outs = [list(lfm_mlx.stream_generate(model, tok, prompt, max_tokens=30, prompt_cache=c, speculative=s, **GREEDY))
+            for c, s in zip(caches, (False, True))]
+    assert [r.token for r in outs[0]] == [r.token for r in outs[1]]
+    assert caches[0].tokens == caches[1].tokens
+    assert [c.offset for c in caches[0].layers] == [c.offset for c in caches[1].layers]
+    nxt = mx.array([[outs[0][-1].token]])
+    a, b = (model(nxt, cache=c.layers) for c in caches)
+    assert relative_error(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("opts", [dict(max_kv_size=64), dict(kv_bits=8)])
+def test_prompt_lookup_is_exact_with_a_rolling_or_quantized_kv_cache(tiny, opts):
+    model, tok = tiny
+    prompt = extraction_like_prompts(1)[0][:50]
+    plain = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_tokens=60, **opts, **GREEDY)]
+    cache = PromptCache(model, **opts)
+    spec = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, max_tokens=60, prompt_cache=cache,
+                                                     speculative="prompt_lookup", **opts, **GREEDY)]
+    assert spec == plain
+    if "max_kv_size" in opts:
+        assert all(c.evictions > 0 for c in cache.layers if isinstance(c, KVCache))
+
+
+def test_speculative_decoding_refuses_sampling_and_logits_processors(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="greedy"):
+        list(lfm_mlx.stream_generate(model, tok, "Hi", max_tokens=2, speculative=True, temperature=0.7))
+    with pytest.raises(ValueError, match="greedy"):
+        list(lfm_mlx.stream_generate(model, tok, "Hi", max_tokens=2, speculative=True, temperature=0.0,
+                                     logits_processors=[lambda h, l: l]))
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        list(lfm_mlx.stream_generate(model, tok, "Hi", max_tokens=2, speculative="draft_model", **GREEDY))
+
+
+def test_ngram_index_drafts_what_followed_the_latest_earlier_occurrence():
+    index = NgramIndex([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 2, 3], max_n=3, min_n=2)
+    assert index.draft(3) == [5, 6, 7]  # "2 3" last seen before 5 6 7; "7 2 3" never
+    index.append(8)
+    assert index.draft(3) == []  # "3 8" never seen; a lone "8" is not enough
+    assert NgramIndex([4, 4, 4], max_n=2, min_n=2).draft(5) == [4]
+    assert NgramIndex([1, 4, 2, 4], max_n=2, min_n=1).draft(2) == [2, 4]
