@@ -5,9 +5,10 @@ MLX's CPU ``quantized_matmul`` is a scalar loop whose running sum is one long de
 This kernel unpacks eight weights at once into a float vector and keeps independent accumulators; GCC
 and Clang vector extensions make it AVX2 on x86-64 and NEON on arm64, 5-10x faster than MLX's loop.
 
-It takes few rows (decode, batched decode, speculative verification) of float32 inputs against affine
-4- or 8-bit weights; everything else, every GPU, and machines without a C compiler use MLX's own
-kernels. ``LFM_MLX_CPU_KERNEL=0`` turns it off. The built library is cached in ``~/.cache/lfm_mlx``
+Built with OpenMP where the compiler has it, large products split their output rows across cores.
+It takes few rows (decode, batched decode, speculative verification) of float32 inputs against large
+affine 4- or 8-bit weights; everything else, every GPU, and machines without a C compiler use MLX's
+own kernels. ``LFM_MLX_CPU_KERNEL=0`` turns it off. The built library is cached in ``~/.cache/lfm_mlx``
 (or ``$LFM_MLX_CACHE``), keyed by the source, the compiler and the CPU.
 """
 
