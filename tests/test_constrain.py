@@ -24,27 +24,19 @@ from transformers import AutoTokenizer  # noqa: E402
 from lfm_mlx import constrain  # noqa: E402
 from lfm_mlx.constrain import (  # noqa: E402
     JSONConstraint, SchemaError, build_grammar, check_schema, ll_tokenizer_for)
+from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS  # noqa: E402
 
 VOCAB = 65536  # the model's logits width; the tokenizer has 64,400 entries
 EOS = 7
 TOKENIZER = AutoTokenizer.from_pretrained(REFERENCE / "LFM2-350M")
 PROMPT = mx.array(TOKENIZER.encode("<|im_start|>user\nExtract the data.<|im_end|>\n<|im_start|>assistant\n"))
 
-NAME = {"type": "string", "minLength": 1, "maxLength": 12}
 BOUNDED = {  # every string/array/number bounded, so a random model must finish on the grammar alone
-    "object_required_no_extra": {"type": "object", "properties": {"name": NAME, "ok": {"type": "boolean"}},
-                                 "required": ["name", "ok"], "additionalProperties": False},
+    **SHARED_KEYWORD_SCHEMAS,
     "nested_objects": {"type": "object", "required": ["outer"], "properties": {"outer": {
         "type": "object", "required": ["inner"], "properties": {"inner": {
             "type": "object", "required": ["flag", "nothing"],
             "properties": {"flag": {"type": "boolean"}, "nothing": {"type": "null"}}}}}}},
-    "array_min_max_items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
-                            "minItems": 2, "maxItems": 4},
-    "enum_const": {"type": "object", "required": ["color", "version"], "properties": {
-        "color": {"enum": ["red", "green", "blue"]}, "version": {"const": 2}}},
-    "pattern_and_lengths": {"type": "object", "required": ["code", "word"], "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-        "word": {"type": "string", "minLength": 3, "maxLength": 5}}},
     "integer_ranges": {"type": "object", "required": ["i", "j"], "properties": {
         "i": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3},
         "j": {"type": "integer", "minimum": 10, "maximum": 12}}},

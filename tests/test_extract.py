@@ -21,25 +21,17 @@ from lfm_mlx.extract import (
     SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract, extract_many, main, merge, merge_all,
     split_text)
 from lfm_mlx.grounding import Grounder, ground, string_leaves
+from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS
 
 extract_module = importlib.import_module("lfm_mlx.extract")  # `lfm_mlx.extract` may name the function
 
 PRESETS = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(SCHEMAS_DIR.glob("*.json"))}
 SAMPLES = {name: (SCHEMAS_DIR / f"{name}.txt").read_text(encoding="utf-8") for name in PRESETS}
 
-NAME = {"type": "string", "minLength": 1, "maxLength": 12}
 KEYWORD_SCHEMAS = {  # together with the presets, every keyword constrain.py supports
-    "object_required_no_extra": {"type": "object", "properties": {"name": NAME, "ok": {"type": "boolean"}},
-                                 "required": ["name", "ok"], "additionalProperties": False},
+    **SHARED_KEYWORD_SCHEMAS,
     "additional_properties_schema": {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}},
                                      "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 9}},
-    "array_min_max_items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
-                            "minItems": 2, "maxItems": 4},
-    "enum_const": {"type": "object", "required": ["color", "version"], "properties": {
-        "color": {"enum": ["red", "green", "blue"]}, "version": {"const": 2}}},
-    "pattern_and_lengths": {"type": "object", "required": ["code", "word"], "properties": {
-        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-        "word": {"type": "string", "minLength": 3, "maxLength": 5}}},
     "number_ranges": {"type": "object", "required": ["i", "x"], "properties": {
         "i": {"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 3},
         "x": {"type": "number", "minimum": 0.5, "maximum": 2}}},
