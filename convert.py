@@ -7,6 +7,7 @@ A thin command line over ``lfm_mlx.convert.convert``; the flags follow ``mlx_lm.
 
 import argparse
 import sys
+import warnings
 from typing import Optional
 
 from lfm_mlx.convert import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES, convert
@@ -48,14 +49,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit("convert.py: error: --dequantize writes float weights: "
                  "drop -q / --q-bits / --q-group-size / --quant-recipe")
     quantize = asked_to_quantize or (args.dtype is None and not args.dequantize)
-    try:
-        report = convert(
-            args.hf_path, args.mlx_path, quantize=quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
-            quant_recipe=args.quant_recipe, dtype=args.dtype, dequantize=args.dequantize, force=args.force,
-            revision=args.revision,
-        )
-    except (ValueError, OSError) as e:
-        sys.exit(f"convert.py: error: {e}")
+    with warnings.catch_warnings():
+        # Notices (a destination repaired after a killed run) in one line each, like the errors.
+        warnings.showwarning = lambda message, *_: print(f"convert.py: {message}", file=sys.stderr)
+        try:
+            report = convert(
+                args.hf_path, args.mlx_path, quantize=quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+                quant_recipe=args.quant_recipe, dtype=args.dtype, dequantize=args.dequantize, force=args.force,
+                revision=args.revision,
+            )
+        except (ValueError, OSError) as e:
+            sys.exit(f"convert.py: error: {e}")
     print(report.summary())
 
 

@@ -1,11 +1,14 @@
 """The local web app (``python -m app``): chat and structured extraction over one shared model.
 
-``Runtime`` owns the model, its tokenizer and the one thread that ever calls them. Every request, from
-any browser tab or API client, runs there in turn, so model calls never overlap and MLX is only used
-from the thread that loaded the model (Metal streams belong to a thread). ``Runtime.stream`` hands a
-generation's tokens back in batches at most every 40 ms: per-token updates make Gradio's browser side
-fall seconds behind a fast model. ``Sessions`` keeps one ``ChatState`` per browser tab or API client:
-conversations are never shared, only the model is. ``app/ui.py`` builds the page and its handlers on top.
+``Runtime`` owns the model, its tokenizer and the continuous-batching engine that runs them on a
+thread of its own: every chat turn and extraction, from any browser tab or API client, is a row in the
+engine's batch, so two tabs stream at the same time and one long request never holds the model for the
+others. ``Runtime.stream`` runs one request on a pump thread and hands what it produces back in
+batches at most every 40 ms (per-token updates make Gradio's browser side fall seconds behind a fast
+model), with an empty batch as a heartbeat while nothing arrives: Gradio notices a client that went
+away only when a handler yields, and closing the stream cancels the request, freeing its rows within
+an engine step. ``Sessions`` keeps one ``ChatState`` per browser tab or API client: conversations are
+never shared, only the model is. ``app/ui.py`` builds the page.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ import resource
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
-from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 
 from lfm_mlx.chat import ChatSession
+from lfm_mlx.engine import Engine
 
 UPDATE_INTERVAL_S = 0.04  # about 25 UI updates per second
 HEARTBEAT_S = 0.25  # an empty batch this often while nothing arrives, so a cancel is never stuck waiting
+MAX_BATCH = 16  # conversations and extractions decoded together; more wait in Gradio's queue
+PREFIX_CACHE_BYTES = 256 << 20  # extraction prompts (system prompt + schema) are prefilled once
+MAX_REPLY_TOKENS = 4096  # a ceiling on one reply, whatever a client asks for, in the UI, its API and /v1
 
 
 class _Failure:
@@ -34,70 +39,57 @@ class _Failure:
 
 
 class Runtime:
-    """The model, the tokenizer, how they were chosen, and the thread they run on."""
+    """The model, the tokenizer, how they were chosen, and the engine that runs them."""
 
-    def __init__(self, choice, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, dtype=None):
+    def __init__(self, choice, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, dtype=None,
+                 max_batch: int = MAX_BATCH):
         import lfm_mlx
 
         self.choice, self.max_kv_size, self.kv_bits = choice, max_kv_size, kv_bits
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="lfm-mlx-model", daemon=True).start()
-        self.model, self.tokenizer = self.call(lfm_mlx.load, choice.path, dtype)
+        self.engine = Engine.start_loaded(lambda: lfm_mlx.load(choice.path, dtype), max_batch=max_batch,
+                                          prefix_cache_bytes=PREFIX_CACHE_BYTES)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
 
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except Exception:  # a failed job must not take the model thread down with it
-                traceback.print_exc()
+    @property
+    def context(self) -> int:
+        """Tokens a conversation sees at once: the KV window, within the context the model was trained on."""
+        trained = self.model.args.max_position_embeddings
+        return min(self.max_kv_size, trained) if self.max_kv_size else trained
 
-    def call(self, fn: Callable, *args, **kwargs) -> Any:
-        """``fn(*args, **kwargs)`` on the model thread, after the jobs queued before it."""
-        future: Future = Future()
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
-        def job():
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # handed to the caller
-                future.set_exception(e)
-
-        self._jobs.put(job)
-        return future.result()
+    def new_session(self, **options) -> ChatSession:
+        """A conversation whose replies run as rows of the shared engine."""
+        return ChatSession(self.model, self.tokenizer, max_kv_size=self.max_kv_size, kv_bits=self.kv_bits,
+                           engine=self.engine, **options)
 
     def submit(self, fn: Callable, *args) -> None:
-        """``fn(*args)`` on the model thread, without waiting (e.g. to free MLX arrays where they live)."""
-        self._jobs.put(lambda: fn(*args))
+        """``fn(*args)`` on the engine's thread, without waiting (e.g. to free MLX arrays where they live)."""
+        self.engine.call(fn, *args, wait=False)
 
-    def stream(self, start: Callable[[], Iterable], stop: threading.Event, idle: threading.Event,
-               interval: float = UPDATE_INTERVAL_S) -> Iterator[list]:
-        """Run ``start()`` and iterate what it returns on the model thread; yield its items in batches:
-        the first at once, then at most one batch per ``interval``, and ``[]`` as a heartbeat while
-        nothing arrives. Closing this generator, or setting ``stop``, closes the model's iterator after
-        its current item; ``idle`` is set once it is closed."""
+    def stream(self, produce: Callable[[Callable[[Any], None]], None], stop: threading.Event,
+               idle: Optional[threading.Event] = None, interval: float = UPDATE_INTERVAL_S) -> Iterator[list]:
+        """Run ``produce(emit)`` on a pump thread; yield what it emits in batches: the first item at once,
+        then at most one batch per ``interval``, and ``[]`` as a heartbeat while nothing arrives. Its
+        exception is raised here. Closing this generator sets ``stop``: ``produce`` passes it to the
+        library as ``cancel``, so the engine frees its rows within a step. ``idle`` is set once the pump
+        has finished (a stopped chat turn still writes its partial reply to the session)."""
         items: queue.SimpleQueue = queue.SimpleQueue()
         done = object()
-        idle.clear()
 
-        def job():
+        def pump():
             try:
-                if stop.is_set():
-                    return
-                iterator = iter(start())
-                try:
-                    for item in iterator:
-                        items.put(item)
-                        if stop.is_set():
-                            break
-                finally:
-                    getattr(iterator, "close", lambda: None)()
-            except BaseException as e:
+                if not stop.is_set():
+                    produce(items.put)
+            except BaseException as e:  # raised to the consumer, if it is still there
                 items.put(_Failure(e))
             finally:
-                idle.set()
+                if idle is not None:
+                    idle.set()
                 items.put(done)
 
-        self._jobs.put(job)
+        threading.Thread(target=pump, name="lfm-mlx-request", daemon=True).start()
         batch: list = []
         last = -float("inf")
         try:
@@ -123,7 +115,7 @@ class Runtime:
             stop.set()
 
     def info(self) -> dict:
-        """What the model panel shows: name, path, quantization, weights size, backend, memory."""
+        """What the model panel shows: name, path, quantization, weights size, backend, memory, load."""
         from mlx.utils import tree_flatten
 
         args = self.model.args
@@ -132,11 +124,13 @@ class Runtime:
         dtype = str(self.model.model.embedding_norm.weight.dtype).removeprefix("mlx.core.")
         quant = f"{q['bits']}-bit {q.get('mode', 'affine')}, group size {q.get('group_size', 64)}" if q.get("bits") else f"none ({dtype})"
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        running, waiting = self.engine.occupancy
         return dict(
             name=self.choice.name, directory=str(self.choice.path), demo=self.choice.demo, note=self.choice.note,
             quantization=quant, weights_mb=weights / 1e6, backend=backend(),
             layers=f"{len(args.layer_types)} ({len(args.attention_layers)} attention)",
-            max_kv_size=self.max_kv_size, kv_bits=self.kv_bits,
+            max_kv_size=self.max_kv_size, kv_bits=self.kv_bits, max_batch=self.engine.max_batch,
+            running=running, waiting=waiting,
             active_mb=mx.get_active_memory() / 1e6, peak_mb=mx.get_peak_memory() / 1e6,
             process_peak_mb=rss / (1e6 if sys.platform == "darwin" else 1e3),
         )
@@ -151,18 +145,25 @@ def backend() -> str:
     return "CPU"
 
 
-# --- per-session chat state -------------------------------------------------------------------------
+# --- per-session state --------------------------------------------------------------------------------
 
 class ChatState:
-    """One session's conversation, the stats under each reply, and its running generation."""
+    """One session's conversation, the stats under each reply, its running turn, and the cancel events
+    of its running extractions (by tab), which the Stop buttons set."""
 
     def __init__(self, runtime: Runtime):
-        self.session = ChatSession(runtime.model, runtime.tokenizer, max_kv_size=runtime.max_kv_size,
-                                   kv_bits=runtime.kv_bits)
+        self.session = runtime.new_session()
         self.stats: dict[int, dict] = {}  # index of an assistant message → its stats
         self.stop, self.idle = threading.Event(), threading.Event()
         self.idle.set()
+        self.turn_lock = threading.Lock()
         self.display: list[int] = []  # chatbot row → index in session.messages
+        self.extractions: dict[str, threading.Event] = {}
+
+    def forget_stats_from(self, index: int) -> None:
+        """Messages from ``index`` on were replaced or removed: their stats go with them."""
+        for i in [i for i in self.stats if i >= index]:
+            del self.stats[i]
 
 
 class Sessions:
@@ -194,20 +195,32 @@ def response_stats(r) -> dict:
                 cached=r.cached_tokens, prompt=r.prompt_tokens, finish=r.finish_reason or "stopped", at=time.time())
 
 
-def run_turn(runtime: Runtime, state: ChatState, start) -> Iterator[tuple[str, Any]]:
-    """Stream one reply: ``start(session)`` returns the engine's iterator. Yields (reply so far, last
-    response or None), merged to ~25 updates a second; records the reply's stats as they come."""
-    state.idle.wait(10)  # a stopped reply may still be closing on the model thread
-    state.stop = threading.Event()
+class Busy(RuntimeError):
+    """The session's previous turn is still running."""
+
+
+def run_turn(runtime: Runtime, state: ChatState, start: Callable[[ChatSession, threading.Event], Iterable]
+             ) -> Iterator[tuple[str, Any]]:
+    """Stream one reply: ``start(session, cancel)`` returns the session's iterator, its request
+    cancelled by ``cancel``. Yields (reply so far, last response or None), merged to ~25 updates a
+    second; records the reply's stats as they come. Raises ``Busy`` if the session's previous turn
+    is still closing after a few seconds."""
+    with state.turn_lock:
+        if not state.idle.wait(10):  # a stopped reply may still be closing
+            raise Busy("this conversation is still answering: wait for the reply or stop it")
+        state.idle.clear()
+        state.stop = stop = threading.Event()
     where: list[int] = []
 
-    def begin():
-        iterator = start(state.session)
+    def produce(emit: Callable) -> None:
+        responses = start(state.session, stop)
         where.append(len(state.session.messages))  # the index the reply will take
-        return iterator
+        state.forget_stats_from(where[0])
+        for response in responses:  # ends within a step of ``stop``: it is the request's cancel
+            emit(response)
 
     reply, last = "", None
-    for batch in runtime.stream(begin, state.stop, state.idle):
+    for batch in runtime.stream(produce, stop, state.idle):
         for r in batch:
             reply, last = reply + r.text, r
         if last is not None:

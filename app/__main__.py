@@ -1,4 +1,5 @@
-"""``python -m app``: pick the model (converting it once if needed), load it, and serve the web UI."""
+"""``python -m app``: pick the model (converting it once if needed), load it, and serve the web UI and,
+on the same port, the OpenAI-compatible API under ``/v1`` (as LM Studio does: UI and API in one process)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from lfm_mlx.demo import resolve_model
 
-    from . import Runtime
+    from . import MAX_REPLY_TOKENS, Runtime
 
     try:
         choice = resolve_model(args.model, demo=args.demo)
@@ -56,19 +57,39 @@ def main(argv=None) -> int:
           + (" — DEMO MODEL, random weights" if choice.demo else ""), flush=True)
 
     import gradio as gr
+    import uvicorn
+
+    from lfm_mlx.api import Limits
+    from lfm_mlx.server import Server, create_app
 
     from .ui import build
 
     page = build(runtime)
-    page.queue(default_concurrency_limit=None)  # model events share their own single slot (ui.MODEL_EVENT)
-    try:
-        page.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="20mb",
-                    theme=theme(gr), css_paths=[STYLE],
-                    footer_links=["api"])
-    except OSError as e:  # the port is taken
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+    page.queue(default_concurrency_limit=None)  # model events share their own pool of slots (see ui.build)
+    limits = Limits(context=runtime.context, max_tokens=MAX_REPLY_TOKENS)  # the same limits as the UI's
+    api = create_app(Server(runtime.engine, choice.name, limits=limits, kv_bits=args.kv_bits,
+                            aliases=(str(choice.path),)))
+    app = gr.mount_gradio_app(api, page, path="/", server_name=args.host, server_port=args.port, show_error=True,
+                              max_file_size="20mb", theme=theme(gr), css_paths=[STYLE], footer_links=["api"])
+    if not port_free(args.host, args.port):
+        print(f"error: cannot listen on {args.host}:{args.port}: the port is in use", file=sys.stderr)
         return 2
+    print(f"Chat and extraction: http://{args.host}:{args.port}/ · OpenAI-compatible API: "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def port_free(host: str, port: int) -> bool:
+    """uvicorn exits the process itself when it cannot bind: ask first, to say so in one line."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

@@ -1,8 +1,19 @@
 """The page: a Chat tab, an Extract tab, a Model tab, and the handlers behind them.
 
 Handlers only call ``lfm_mlx`` through the shared ``Runtime``. Each browser tab (and each API client) has
-its own conversation, keyed by Gradio's session hash; the model and tokenizer are shared. Events that
-run the model share one concurrency slot, so requests from different sessions queue.
+its own conversation, keyed by Gradio's session hash; the model and tokenizer are shared. Every model
+event (a chat turn, an extraction, a batch) runs as rows of the runtime's engine, beside the others; the
+events share a pool of slots as large as the engine's batch, and more wait in Gradio's queue.
+
+Every entry point checks its input before any model work, cheapest check first (no megabytes are
+tokenized), and refuses with one clear line: a toast in the page, an error for an API client, and no
+traceback in the log. The limits: a chat message (with the system prompt and tools) must fit what is
+left of the context window (a rolling window makes room by dropping the oldest turns), and anything
+longer than the longest token times the context is refused unread; a reply gets at most
+``MAX_REPLY_TOKENS`` and what is left of the context; a document for extraction is at most
+``MAX_DOCUMENT_CHARS`` characters (longer ones run for many minutes: split them and use the batch), a
+schema at most ``MAX_SCHEMA_CHARS``, instructions at most ``MAX_INSTRUCTIONS_CHARS``; uploads at most
+``MAX_UPLOAD_BYTES`` of UTF-8 text.
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ import functools
 import inspect
 import io
 import json
+import math
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -21,21 +34,37 @@ from typing import Any, Callable, Iterator, Optional
 import gradio as gr
 
 from lfm_mlx.chat import ChatSession
+from lfm_mlx.engine import Cancelled
+from lfm_mlx.extract import DEFAULT_MAX_TOKENS as DEFAULT_EXTRACT_TOKENS
+from lfm_mlx.extract import extract_many
+from lfm_mlx.constrain import MAX_SCHEMA_CHARS
+from lfm_mlx.generate import sampling_settings
+from lfm_mlx.tokenizer import max_token_chars
 from lfm_mlx.tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls, split_tool_calls
 
-from . import ChatState, Runtime, Sessions, run_turn
+from . import MAX_REPLY_TOKENS, Busy, ChatState, Runtime, Sessions, run_turn
 
-MAX_MESSAGE_CHARS = 1_000_000
+MAX_DOCUMENT_CHARS = 200_000  # about 50,000 tokens: a few chunks, not the 82 of a 2 MB paste
+MAX_INSTRUCTIONS_CHARS = 10_000
 MAX_UPLOAD_BYTES = 1_000_000
+MAX_SHOWN_CALLS = 100  # tool calls listed in one box; a reply with thousands shows a count for the rest
 TEXT_TYPES = [".txt", ".md", ".json", ".csv"]
+# The sampling sliders' (minimum, maximum, step). Gradio refuses a slider value outside its range, so values
+# from elsewhere (an imported chat's, the checkpoint's defaults) are clamped to it.
+SLIDERS = dict(temperature=(0, 2, 0.05), top_p=(0, 1, 0.01), top_k=(0, 200, 1), min_p=(0, 1, 0.01),
+               repetition_penalty=(1, 2, 0.01))
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "assets" / "schemas"
-MODEL_EVENT = dict(concurrency_limit=1, concurrency_id="model")
 FREE = dict(concurrency_limit=None)  # queued (so its messages show as toasts) but never waits for the model
 PRIVATE = dict(api_visibility="private")
 EXAMPLE_TOOLS = json.dumps([{
     "name": "get_weather", "description": "Current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }], indent=2)
+
+
+def refuse(message: str) -> gr.Error:
+    """A user error: shown to the user (a toast, or the API client's error); no traceback in the log."""
+    return gr.Error(message, print_exception=False)
 
 
 def stats_line(s: dict) -> str:
@@ -46,26 +75,51 @@ def stats_line(s: dict) -> str:
 
 # --- rendering ---------------------------------------------------------------------------------------
 
-def _tool_call_message(segment: str) -> dict:
-    """A tool call as its own titled box: the parsed calls, or the raw text while it still streams."""
-    if not segment.endswith(TOOL_CALL_END):
-        body = segment.removeprefix(TOOL_CALL_START)
-        return dict(role="assistant", content=f"```\n{body}\n```", metadata=dict(title="Tool call…", status="pending"))
-    calls = parse_tool_calls(segment)
+def _tool_calls_message(calls: list[dict]) -> dict:
+    """Parsed tool calls as one titled box; past MAX_SHOWN_CALLS, a count of the rest."""
     lines = [f"{c['name']}({', '.join(f'{k}={json.dumps(v)}' for k, v in c['arguments'].items())})"
-             if "error" not in c else f"{c.get('raw', '')}  # {c['error']}" for c in calls]
-    names = ", ".join(c["name"] or "?" for c in calls)
-    return dict(role="assistant", content="```python\n" + "\n".join(lines) + "\n```",
-                metadata=dict(title=f"Tool call: {names}"))
+             if "error" not in c else f"{c.get('raw', '')}  # {c['error']}" for c in calls[:MAX_SHOWN_CALLS]]
+    if len(calls) > MAX_SHOWN_CALLS:
+        lines.append(f"# … and {len(calls) - MAX_SHOWN_CALLS:,} more calls")
+    names = ", ".join(dict.fromkeys(c["name"] or "?" for c in calls))
+    title = f"Tool call: {names}" if len(calls) == 1 else f"Tool calls ({len(calls):,}): {names}"
+    return dict(role="assistant", content="```python\n" + "\n".join(lines) + "\n```", metadata=dict(title=title))
 
 
-def _assistant_messages(content: str, stats: Optional[dict]) -> list[dict]:
-    out = []
+def _reply_rows(content: str) -> list[dict]:
+    """A reply as chatbot messages: its text, and its tool calls in boxes (consecutive calls share one);
+    a call still streaming shows as raw text. Linear in the reply's length."""
+    out: list[dict] = []
+    calls: list[dict] = []
     for kind, segment in split_tool_calls(content):
+        if kind == "tool_call" and segment.endswith(TOOL_CALL_END):
+            calls += parse_tool_calls(segment)
+            continue
+        if kind == "text" and not segment.strip():
+            continue
+        if calls:
+            out.append(_tool_calls_message(calls))
+            calls = []
         if kind == "tool_call":
-            out.append(_tool_call_message(segment))
-        elif segment.strip():
+            body = segment.removeprefix(TOOL_CALL_START)
+            out.append(dict(role="assistant", content=f"```\n{body}\n```",
+                            metadata=dict(title="Tool call…", status="pending")))
+        else:
             out.append(dict(role="assistant", content=segment))
+    if calls:
+        out.append(_tool_calls_message(calls))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _saved_reply_rows(content: str) -> tuple[dict, ...]:
+    """A finished reply's rows, parsed once: the whole chat is rendered again on every streamed update."""
+    return tuple(_reply_rows(content))
+
+
+def _assistant_messages(content: str, stats: Optional[dict], streaming: bool = False) -> list[dict]:
+    """A reply's chatbot messages, with its stats line under them once it has finished."""
+    out = _reply_rows(content) if streaming else [dict(row) for row in _saved_reply_rows(content)]
     if stats is not None:
         # The title says when the server sent it (UTC), so a browser test can measure how far the page lags.
         at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stats["at"])) + f"{stats['at'] % 1:.3f}"[1:] + "Z"
@@ -95,11 +149,21 @@ def render(state: ChatState, pending: Optional[str] = None, partial: Optional[st
         rows += new
         display += [i] * len(new)
     if partial is not None:
-        new = _assistant_messages(partial + " ▌", None)
+        new = _assistant_messages(partial + " ▌", None, streaming=True)
         rows += new
         display += [len(messages)] * len(new)
     state.display = display
     return rows
+
+
+def slider_value(name: str, value: float) -> float:
+    low, high, _ = SLIDERS[name]
+    return min(max(value, low), high)
+
+
+def slider(name: str, label: str, value: float) -> gr.Slider:
+    low, high, step = SLIDERS[name]
+    return gr.Slider(low, high, step=step, label=label, value=slider_value(name, value))
 
 
 def meter(used: int, window: Optional[int]) -> str:
@@ -126,8 +190,10 @@ def model_panel(runtime: Runtime) -> str:
     rows = [("Model", i["name"]), ("Directory", f"`{i['directory']}`"), ("Quantization", i["quantization"]),
             ("Weights", f"{i['weights_mb']:,.1f} MB"), ("Layers", i["layers"]), ("Backend", i["backend"]),
             ("KV window", f"{i['max_kv_size']:,} tokens" if i["max_kv_size"] else "unbounded"),
-            ("KV cache bits", i["kv_bits"] or "full precision"), ("MLX memory now", f"{i['active_mb']:,.0f} MB"),
-            ("MLX peak (last run)", f"{i['peak_mb']:,.0f} MB"), ("Process peak RSS", f"{i['process_peak_mb']:,.0f} MB")]
+            ("KV cache bits", i["kv_bits"] or "full precision"),
+            ("Engine", f"{i['running']} running, {i['waiting']} waiting (up to {i['max_batch']} at once)"),
+            ("MLX memory now", f"{i['active_mb']:,.0f} MB"), ("MLX peak (last run)", f"{i['peak_mb']:,.0f} MB"),
+            ("Process peak RSS", f"{i['process_peak_mb']:,.0f} MB")]
     if i["note"]:
         rows.append(("Note", i["note"]))
     return "| Model panel | |\n|---|---|\n" + "\n".join(f"| **{k}** | {v} |" for k, v in rows)
@@ -169,58 +235,121 @@ def soft(outputs: int) -> Callable:
     return wrap
 
 
-def parse_tools(text: str) -> Optional[list]:
-    if not text or not text.strip():
+def _sentence(error: Exception) -> str:
+    text = str(error)
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _text(value: Any, what: str) -> str:
+    """An optional text field: None is empty; anything but a string is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise refuse(f"{what} must be text, not {type(value).__name__}.")
+    return value
+
+
+def whole(value: Any, name: str, default: Optional[int] = None) -> Optional[int]:
+    """A whole number from the page or an API client (None: ``default``)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise refuse(f"{name} must be a whole number, not {value!r}.")
+    return int(value)
+
+
+def parse_tools(text: Any) -> Optional[list]:
+    text = _text(text, "Tool definitions")
+    if not text.strip():
         return None
     try:
         tools = json.loads(text)
     except json.JSONDecodeError as e:
-        raise gr.Error(f"Tool definitions are not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.")
+        raise refuse(f"Tool definitions are not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.")
+    except RecursionError:
+        raise refuse("Tool definitions are nested too deeply.") from None
     tools = [tools] if isinstance(tools, dict) else tools
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise gr.Error("Tool definitions must be a JSON list of objects (name, description, parameters).")
+        raise refuse("Tool definitions must be a JSON list of objects (name, description, parameters).")
     return tools
 
 
-def sampling_kwargs(temperature, top_p, top_k, min_p, repetition_penalty, max_tokens, seed) -> dict:
-    return dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p),
-                repetition_penalty=float(repetition_penalty), max_tokens=max(1, int(max_tokens)),
-                seed=None if seed is None or int(seed) < 0 else int(seed))
+def reply_room(runtime: Runtime, state: ChatState, message: Optional[str], preamble: str = "") -> int:
+    """Tokens left for a reply once ``message`` (None: a retry) and the ``preamble`` (system prompt and
+    tools) are in the context; refuses what cannot fit. A rolling window makes room by dropping the oldest
+    turns, so there only the new input has to fit the window; without one, the whole conversation must
+    fit the context the model was trained on."""
+    if message is not None and not isinstance(message, str):
+        raise refuse(f"The message must be text, not {type(message).__name__}.")
+    if message is not None and not message.strip():
+        raise refuse("The message is empty: type something first.")
+    context = runtime.context
+    size = len(message or "") + len(preamble)
+    most = max_token_chars(runtime.tokenizer) * context  # more characters than that many tokens can hold
+    if size > most:
+        raise refuse(f"The message{' with the system prompt and tools' if preamble else ''} is {size:,} characters, "
+                     f"more than the {context:,}-token context can hold. For long documents use the Extract tab, "
+                     "which splits them.")
+    used = 0 if runtime.max_kv_size else state.session.context_tokens
+    new = runtime.count_tokens(message or "") + runtime.count_tokens(preamble)
+    if used + new >= context:
+        where = f"the {context:,}-token context window" if not used else \
+            f"the {context - used:,} tokens left of the {context:,}-token context (clear the chat to start over)"
+        raise refuse(f"The message{' with the system prompt and tools' if preamble else ''} is {new:,} tokens; "
+                     f"it does not fit {where}. For long documents use the Extract tab, which splits them.")
+    return context - used - new
 
 
-def check_message(runtime: Runtime, state: ChatState, message: str) -> None:
-    """Refuse what cannot be sent; warn when the message alone overflows the context window."""
-    if not isinstance(message, str) or not message.strip():
-        raise gr.Error("The message is empty: type something first.")
-    if len(message) > MAX_MESSAGE_CHARS:
-        raise gr.Error(f"The message is {len(message):,} characters; the limit is {MAX_MESSAGE_CHARS:,}. "
-                       "For long documents use the Extract tab, which splits them into chunks.")
-    window = state.session.max_kv_size
-    if window and len(message) > window:  # a token is at least one character: count only when it can matter
-        n = len(runtime.tokenizer.encode(message, add_special_tokens=False))
-        if n > window:
-            gr.Warning(f"Your message is {n:,} tokens, more than the {window:,}-token context. It is sent with "
-                       f"the rolling window on: the model keeps the first 4 tokens and sees only the last "
-                       f"{window - 4:,}.", duration=15)
+def sampling_options(runtime: Runtime, room: int, temperature, top_p, top_k, min_p, repetition_penalty,
+                     max_tokens, seed) -> dict:
+    """The reply's options, each value checked as the library checks it (a bad one is refused by name);
+    max_tokens capped by the context left (``room``) and MAX_REPLY_TOKENS."""
+    values = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                  repetition_penalty=repetition_penalty)
+    try:
+        sampling_settings(runtime.model, **values).check_vocabulary(runtime.model.args.vocab_size)
+    except ValueError as e:
+        raise refuse(f"Sampling: {e}.") from None
+    requested = whole(max_tokens, "max_tokens", default=512)
+    if requested < 1:
+        raise refuse(f"max_tokens must be at least 1, not {requested}.")
+    seed = whole(seed, "seed")
+    return dict(values, max_tokens=min(requested, MAX_REPLY_TOKENS, room),
+                seed=None if seed is None or seed < 0 else seed)
 
 
 def read_upload(path: Optional[str], kind: str = "file") -> str:
     """Text of an uploaded file, or a clear error for a wrong type, a binary or an oversized file."""
     if not path:
-        raise gr.Error(f"No {kind} uploaded.")
+        raise refuse(f"No {kind} uploaded.")
     p = Path(path)
     if p.suffix.lower() not in TEXT_TYPES:
-        raise gr.Error(f"{p.name}: unsupported file type; upload {', '.join(TEXT_TYPES)}.")
+        raise refuse(f"{p.name}: unsupported file type; upload {', '.join(TEXT_TYPES)}.")
     size = p.stat().st_size
     if size > MAX_UPLOAD_BYTES:
-        raise gr.Error(f"{p.name} is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+        raise refuse(f"{p.name} is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
     data = p.read_bytes()
     try:
         if b"\x00" in data:
             raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise gr.Error(f"{p.name} looks binary (not UTF-8 text); upload a text file.") from None
+        raise refuse(f"{p.name} looks binary (not UTF-8 text); upload a text file.") from None
+
+
+def load_chat(runtime: Runtime, file: Any) -> ChatSession:
+    """An exported conversation from an upload, or one line saying what is wrong with it."""
+    if file is None:
+        raise refuse("No file uploaded.")
+    path = Path(file if isinstance(file, str) else file.name)
+    read_upload(str(path), "conversation")  # the type, size and binary checks
+    try:
+        return ChatSession.load(path, runtime.model, runtime.tokenizer)
+    except ValueError as e:
+        raise refuse(f"Could not import: {e}") from None
+    except RecursionError:
+        raise refuse(f"Could not import: {path.name} is nested too deeply to be a saved chat.") from None
 
 
 # --- extraction helpers -------------------------------------------------------------------------------
@@ -236,19 +365,43 @@ def load_presets() -> dict[str, dict]:
     return presets
 
 
-def parse_schema(text: str) -> dict:
+def parse_schema(text: Any) -> dict:
     from lfm_mlx.constrain import SchemaError, check_schema
 
-    if not text or not text.strip():
-        raise gr.Error("The schema is empty: pick a preset or write a JSON Schema.")
+    text = _text(text, "The schema")
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise refuse(f"The schema is {len(text):,} characters; the limit is {MAX_SCHEMA_CHARS:,}.")
+    if not text.strip():
+        raise refuse("The schema is empty: pick a preset or write a JSON Schema.")
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as e:
-        raise gr.Error(f"The schema is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.")
+        raise refuse(f"The schema is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.")
+    except RecursionError:
+        raise refuse("The schema is nested too deeply.") from None
     try:
         return check_schema(schema)
     except SchemaError as e:
-        raise gr.Error(f"Schema problem: {e}") from None
+        raise refuse(f"Schema problem: {e}") from None
+    except RecursionError:
+        raise refuse("The schema is nested too deeply.") from None
+
+
+def check_document(text: Any, name: str = "The source text") -> str:
+    text = _text(text, name)
+    if not text.strip():
+        raise refuse(f"{name} is empty: paste text or upload a file.")
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise refuse(f"{name} is {len(text):,} characters; the limit is {MAX_DOCUMENT_CHARS:,} characters "
+                     "(about 50,000 tokens). Split it into smaller files and use the batch.")
+    return text
+
+
+def check_instructions(text: Any) -> Optional[str]:
+    text = _text(text, "The instructions")
+    if len(text) > MAX_INSTRUCTIONS_CHARS:
+        raise refuse(f"The instructions are {len(text):,} characters; the limit is {MAX_INSTRUCTIONS_CHARS:,}.")
+    return text.strip() or None
 
 
 def highlights(text: str, spans: dict) -> list[tuple[str, Optional[str]]]:
@@ -306,14 +459,12 @@ def write_downloads(name: str, records: list[tuple[str, Any]]) -> list[str]:
         writer.writerow([s, *(_cell(d.get(k)) if isinstance(d, dict) else "" for k in keys)])
     (folder / f"{name}.csv").write_text(buffer.getvalue(), encoding="utf-8")
     return [str(folder / f"{name}.{ext}") for ext in ("json", "jsonl", "csv")]
-
-
 # --- the page ------------------------------------------------------------------------------------------
 
 def build(runtime: Runtime) -> gr.Blocks:
-    from lfm_mlx.extract import extract
-
     sessions = Sessions(runtime)
+    # Model events share one pool of slots, as many as the engine's rows; more wait in Gradio's queue.
+    model_event = dict(concurrency_limit=runtime.engine.max_batch, concurrency_id="model")
     d = runtime.model.sampling_defaults
     presets = load_presets()
     first = next(iter(presets), None)
@@ -348,12 +499,13 @@ def build(runtime: Runtime) -> gr.Blocks:
                         system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
                                             elem_id="system")
                         with gr.Accordion("Sampling", open=True):
-                            temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature")
-                            top_p = gr.Slider(0, 1, value=d.top_p, step=0.01, label="Top-p")
-                            top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k (0: off)")
-                            min_p = gr.Slider(0, 1, value=d.min_p, step=0.01, label="Min-p")
-                            repetition = gr.Slider(1, 2, value=d.repetition_penalty, step=0.01, label="Repetition penalty")
-                            max_tokens = gr.Number(value=512, minimum=1, maximum=32768, precision=0, label="Max tokens",
+                            temperature = slider("temperature", "Temperature", d.temperature)
+                            top_p = slider("top_p", "Top-p", d.top_p)
+                            top_k = slider("top_k", "Top-k (0: off)", d.top_k)
+                            min_p = slider("min_p", "Min-p", d.min_p)
+                            repetition = slider("repetition_penalty", "Repetition penalty", d.repetition_penalty)
+                            # No minimum or maximum: Gradio's own refusal of them would print a traceback.
+                            max_tokens = gr.Number(value=512, precision=0, label=f"Max tokens (up to {MAX_REPLY_TOKENS:,})",
                                                    elem_id="max-tokens")
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
                         with gr.Accordion("Tools", open=False):
@@ -368,14 +520,17 @@ def build(runtime: Runtime) -> gr.Blocks:
                                              elem_id="preset")
                         source = gr.Textbox(label="Source text", lines=14, max_lines=24, elem_id="source",
                                             value=presets[first]["sample"] if first else "")
-                        upload = gr.File(label="…or upload a text file (.txt .md .json .csv, up to 1 MB)",
+                        upload = gr.File(label=f"…or upload a text file (.txt .md .json .csv, up to {MAX_DOCUMENT_CHARS:,} "
+                                               "characters)",
                                          file_types=TEXT_TYPES, height=130, elem_id="upload")
                     with gr.Column():
                         schema = gr.Code(value=presets[first]["schema"] if first else "", language="json",
                                          label="JSON Schema", lines=16, max_lines=24, elem_id="schema")
                         schema_status = gr.Markdown(elem_id="schema-status")
                         instructions = gr.Textbox(label="Instructions (optional)", lines=1)
-                        extract_btn = gr.Button("Extract", variant="primary", elem_id="extract-run")
+                        with gr.Row():
+                            extract_btn = gr.Button("Extract", variant="primary", scale=3, elem_id="extract-run")
+                            extract_stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="extract-stop")
                 extract_status = gr.Markdown(elem_id="extract-status")
                 with gr.Row(equal_height=False):
                     result_json = gr.JSON(label="Extracted JSON", elem_id="result-json", height=420)
@@ -389,10 +544,13 @@ def build(runtime: Runtime) -> gr.Blocks:
                 last_result = gr.State(None)
                 with gr.Accordion("Batch: extract from several files", open=False, elem_id="batch"):
                     batch_files = gr.File(label="Text files", file_count="multiple", file_types=TEXT_TYPES, elem_id="batch-files")
-                    batch_btn = gr.Button("Extract from all files", variant="primary", elem_id="batch-run")
+                    with gr.Row():
+                        batch_btn = gr.Button("Extract from all files", variant="primary", scale=3, elem_id="batch-run")
+                        batch_stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="batch-stop")
                     batch_status = gr.Markdown(elem_id="batch-status")
                     batch_table = gr.Dataframe(label="Results", wrap=True, interactive=False, elem_id="batch-table")
-                    batch_downloads = gr.File(label="Batch downloads (JSON, JSONL, CSV)", file_count="multiple")
+                    batch_downloads = gr.File(label="Batch downloads (JSON, JSONL, CSV)", file_count="multiple",
+                                              elem_id="batch-downloads")
 
             with gr.Tab("Model", id="model"):
                 panel = gr.Markdown(model_panel(runtime), elem_id="model-panel")
@@ -402,32 +560,48 @@ def build(runtime: Runtime) -> gr.Blocks:
         chat_out = [chatbot, message, context]
 
         # --- chat handlers ---
-        def configure(state: ChatState, system_text, tools_text, tool_role, *sampling) -> tuple[dict, str]:
-            """Apply the side panel to the session; the sampling options and the role to send as."""
-            state.session.system = (system_text or "").strip() or None
-            state.session.tools = parse_tools(tools_text)
-            return sampling_kwargs(*sampling), "tool" if tool_role else "user"
+        def configure(state: ChatState, message: Optional[str], system_text, tools_text, tool_role,
+                      *sampling) -> tuple[dict, str]:
+            """Check the message and the side panel, then apply the panel to the session; the reply's
+            options and the role to send as."""
+            system_text, tools_text = _text(system_text, "The system prompt"), _text(tools_text, "Tool definitions")
+            tool_list = parse_tools(tools_text)
+            room = reply_room(runtime, state, message, preamble=system_text + tools_text)
+            options = sampling_options(runtime, room, *sampling)
+            state.session.system = system_text.strip() or None
+            state.session.tools = tool_list
+            return options, "tool" if tool_role else "user"
+
+        def turn(state: ChatState, start) -> Iterator[tuple[str, Any]]:
+            """``run_turn``, with what the session refuses (a lone surrogate, nothing to regenerate, a turn
+            still running) as a refusal."""
+            try:
+                yield from run_turn(runtime, state, start)
+            except (Busy, ValueError) as e:
+                raise refuse(_sentence(e)) from None
 
         def stream(state: ChatState, start, preview: list[dict]) -> Iterator[tuple]:
             preview = preview + [dict(role="assistant", content="*Waiting for the model…*")]
             yield preview, gr.skip(), session_meter(state)
             try:
-                started = False
-                for reply, last in run_turn(runtime, state, start):
-                    started = started or last is not None
-                    rows = render(state, partial=reply) if started else preview
-                    yield rows, gr.skip(), session_meter(state, last)
-            except ValueError as e:  # the session refused (nothing to regenerate, …)
-                gr.Warning(str(e))
+                shown = None
+                for reply, last in turn(state, start):
+                    if last is shown:  # a heartbeat: nothing new to send
+                        yield gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    shown = last
+                    yield render(state, partial=reply), gr.skip(), session_meter(state, last)
+            except gr.Error as e:
+                gr.Warning(e.message, duration=10)
             yield render(state), gr.skip(), session_meter(state)
 
         # Gradio passes the request (and EditData) by annotation; the rest are `settings`, in order.
         @soft(3)
         def send(request: gr.Request, text, *settings):
             state = sessions.get(request)
-            check_message(runtime, state, text)
-            options, role = configure(state, *settings)
-            updates = stream(state, lambda s: s.send(text, role=role, **options), render(state, pending=text))
+            options, role = configure(state, text, *settings)
+            updates = stream(state, lambda s, cancel: s.send(text, role=role, cancel=cancel, **options),
+                             render(state, pending=text))
             rows, _, ctx = next(updates)
             yield rows, "", ctx  # the message leaves the textbox once
             yield from updates
@@ -436,12 +610,12 @@ def build(runtime: Runtime) -> gr.Blocks:
         def retry(request: gr.Request, *settings):
             state = sessions.get(request)
             if not state.session.messages:
-                raise gr.Error("Nothing to retry: the conversation is empty.")
-            options, _ = configure(state, *settings)
+                raise refuse("Nothing to retry: the conversation is empty.")
+            options, _ = configure(state, None, *settings)
             kept = len(state.session.messages)
             while kept and state.session.messages[kept - 1]["role"] == "assistant":
                 kept -= 1
-            yield from stream(state, lambda s: s.regenerate(**options), render(state, upto=kept))
+            yield from stream(state, lambda s, cancel: s.regenerate(cancel=cancel, **options), render(state, upto=kept))
 
         @soft(3)
         def edit(request: gr.Request, edited: gr.EditData, *settings):
@@ -449,18 +623,17 @@ def build(runtime: Runtime) -> gr.Blocks:
             index = state.display[edited.index] if edited.index < len(state.display) else -1
             messages = state.session.messages
             if index < 0 or messages[index]["role"] != "user":
-                raise gr.Error("Only your own messages can be edited.")
+                raise refuse("Only your own messages can be edited.")
             text = edited.value if isinstance(edited.value, str) else str(edited.value)
-            check_message(runtime, state, text)
-            options, _ = configure(state, *settings)
+            options, _ = configure(state, text, *settings)
             last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
 
-            def start(s: ChatSession):
+            def start(s: ChatSession, cancel):
                 if index == last_user:
-                    return s.edit_last(text, **options)  # everything before it stays cached
+                    return s.edit_last(text, cancel=cancel, **options)  # everything before it stays cached
                 while len(s.messages) > index:
                     s.undo()
-                return s.send(text, **options)
+                return s.send(text, cancel=cancel, **options)
 
             yield from stream(state, start, render(state, pending=text, upto=index))
 
@@ -476,67 +649,64 @@ def build(runtime: Runtime) -> gr.Blocks:
             state.idle.wait(10)
             users = [m["content"] for m in state.session.messages if m["role"] == "user"]
             state.session.undo()
+            state.forget_stats_from(len(state.session.messages))
             return render(state), (users[-1] if users else ""), session_meter(state)
 
         @soft(3)
         def clear(request: gr.Request):
             state = sessions.get(request)
             state.idle.wait(10)
-            old, state.session = state.session, ChatSession(runtime.model, runtime.tokenizer,
-                                                            max_kv_size=runtime.max_kv_size, kv_bits=runtime.kv_bits)
+            old, state.session = state.session, runtime.new_session()
             state.stats.clear()
-            runtime.submit(old.reset)  # its arrays are freed on the model thread
+            runtime.submit(old.reset)  # its arrays are freed on the engine's thread
             return [], "", session_meter(state)
 
         @soft(1)
         def export(request: gr.Request):
             state = sessions.get(request)
             if not state.session.messages:
-                raise gr.Error("Nothing to export yet.")
+                raise refuse("Nothing to export yet.")
             path = Path(tempfile.mkdtemp(prefix="lfm-mlx-chat-")) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
-            state.session.save(path)
+            try:
+                state.session.save(path)
+            except ValueError as e:
+                raise refuse(f"Could not export: {e}") from None
             return gr.File(value=str(path), visible=True)
 
         @soft(9)
         def import_chat(file, request: gr.Request):
             state = sessions.get(request)
-            if file is None:
-                raise gr.Error("No file uploaded.")
-            path = Path(file if isinstance(file, str) else file.name)
-            read_upload(str(path), "conversation")  # the type, size and binary checks
-            try:
-                loaded = ChatSession.load(path, runtime.model, runtime.tokenizer)
-            except ValueError as e:
-                raise gr.Error(f"Could not import: {e}") from None
+            loaded = load_chat(runtime, file)
             state.idle.wait(10)
-            old, state.session = state.session, ChatSession(
-                runtime.model, runtime.tokenizer, system=loaded.system, tools=loaded.tools,
-                max_kv_size=runtime.max_kv_size, kv_bits=runtime.kv_bits)
+            old, state.session = state.session, runtime.new_session(system=loaded.system, tools=loaded.tools)
             state.session.messages = loaded.messages  # the next message prefills them once
             state.stats.clear()
             runtime.submit(old.reset)
             s = {**d.to_dict(), **(loaded.sampling or {})}
+            clamped = [name for name in SLIDERS if slider_value(name, s[name]) != s[name]]
+            if clamped:
+                gr.Warning(f"Imported {', '.join(clamped)} outside the sliders' ranges: set to the nearest end.")
             return (render(state), session_meter(state), loaded.system or "",
                     json.dumps(loaded.tools, indent=2) if loaded.tools else "",
-                    s["temperature"], s["top_p"], s["top_k"], s["min_p"], s["repetition_penalty"])
+                    *(slider_value(name, s[name]) for name in SLIDERS))
 
         # No progress timers: the streaming reply is the progress, and timers on the chatbot and its neighbours
         # keep the browser's main thread busy enough to lag behind a fast stream.
         quiet = dict(show_progress="hidden")
         chat_events = [
-            send_btn.click(send, [message, *settings], chat_out, **MODEL_EVENT, **PRIVATE, **quiet),
-            message.submit(send, [message, *settings], chat_out, **MODEL_EVENT, **PRIVATE, **quiet),
-            retry_btn.click(retry, settings, [chatbot, message, context], **MODEL_EVENT, **PRIVATE, **quiet),
-            chatbot.retry(retry, settings, [chatbot, message, context], **MODEL_EVENT, **PRIVATE, **quiet),
-            chatbot.edit(edit, settings, [chatbot, message, context], **MODEL_EVENT, **PRIVATE, **quiet),
+            send_btn.click(send, [message, *settings], chat_out, **model_event, **PRIVATE, **quiet),
+            message.submit(send, [message, *settings], chat_out, **model_event, **PRIVATE, **quiet),
+            retry_btn.click(retry, settings, chat_out, **model_event, **PRIVATE, **quiet),
+            chatbot.retry(retry, settings, chat_out, **model_event, **PRIVATE, **quiet),
+            chatbot.edit(edit, settings, chat_out, **model_event, **PRIVATE, **quiet),
         ]
         for event in chat_events:
             event.then(lambda: model_panel(runtime), None, panel, queue=False, **PRIVATE)
         stop_btn.click(stop, None, [chatbot, context], cancels=chat_events, queue=False, **PRIVATE)
-        undo_btn.click(undo, None, [chatbot, message, context], **FREE, **PRIVATE)
-        chatbot.undo(undo, None, [chatbot, message, context], **FREE, **PRIVATE)
-        clear_btn.click(clear, None, [chatbot, message, context], **FREE, **PRIVATE)
-        chatbot.clear(clear, None, [chatbot, message, context], **FREE, **PRIVATE)
+        undo_btn.click(undo, None, chat_out, **FREE, **PRIVATE)
+        chatbot.undo(undo, None, chat_out, **FREE, **PRIVATE)
+        clear_btn.click(clear, None, chat_out, **FREE, **PRIVATE)
+        chatbot.clear(clear, None, chat_out, **FREE, **PRIVATE)
         export_btn.click(export, None, export_file, **FREE, **PRIVATE)
         import_btn.upload(import_chat, import_btn, [chatbot, context, system, tools, temperature, top_p, top_k,
                                                      min_p, repetition], **FREE, **PRIVATE)
@@ -544,11 +714,36 @@ def build(runtime: Runtime) -> gr.Blocks:
         refresh.click(lambda: model_panel(runtime), None, panel, queue=False, **PRIVATE)
 
         def forget(request: gr.Request):
-            runtime.submit(sessions.drop, request)  # its arrays are freed on the model thread
+            runtime.submit(sessions.drop, request)  # its arrays are freed on the engine's thread
 
         page.unload(forget)
 
         # --- extraction handlers ---
+        def extraction(texts: list[str], schema: dict, instructions: Optional[str], max_tokens: int,
+                       cancel: threading.Event) -> Iterator[list]:
+            """``extract_many`` as rows of the engine, beside chats: batches of (index, result) as texts
+            finish, ``[]`` as a heartbeat. Closing it, or setting ``cancel``, ends its rows within a step
+            (then ``Cancelled`` is raised if it is still being read). A text the library cannot read (a
+            lone surrogate, say) gives a failed result, not an exception."""
+            def produce(emit: Callable) -> None:
+                extract_many(runtime.model, runtime.tokenizer, texts, schema, instructions=instructions,
+                             max_tokens=max_tokens, progress=False, engine=runtime.engine, cancel=cancel,
+                             on_result=lambda i, result: emit((i, result)))
+            return runtime.stream(produce, cancel)
+
+        def cancel_event(request: gr.Request, kind: str) -> threading.Event:
+            """A new cancel event for this session's extraction of ``kind``, which its Stop button sets."""
+            event = threading.Event()
+            sessions.get(request).extractions[kind] = event
+            return event
+
+        def stopper(kind: str) -> Callable:
+            def stop_extraction(request: gr.Request):
+                event = sessions.get(request).extractions.get(kind)
+                if event is not None:
+                    event.set()
+            return stop_extraction
+
         def check(schema_text: str) -> str:
             try:
                 parse_schema(schema_text)
@@ -564,15 +759,26 @@ def build(runtime: Runtime) -> gr.Blocks:
 
         @soft(1)
         def read_source(file):
-            return read_upload(file, "source file") if file else gr.skip()
+            return check_document(read_upload(file, "source file"), Path(file).name) if file else gr.skip()
 
         @soft(7)
-        def run_extract(text: str, schema_text: str, instructions_text: str):
-            parsed = parse_schema(schema_text)
-            if not text or not text.strip():
-                raise gr.Error("The source text is empty: paste text or upload a file.")
-            result = runtime.call(extract, runtime.model, runtime.tokenizer, text, parsed,
-                                  instructions=instructions_text or None)
+        def run_extract(request: gr.Request, text: str, schema_text: str, instructions_text: str):
+            parsed, text = parse_schema(schema_text), check_document(text)
+            instructions = check_instructions(instructions_text)
+            cancel = cancel_event(request, "extract")
+            unchanged = (gr.skip(),) * 6
+            yield ("⏳ Extracting…", *unchanged)
+            try:
+                for batch in extraction([text], parsed, instructions, DEFAULT_EXTRACT_TOKENS, cancel):
+                    if batch:
+                        result = batch[0][1]
+                    else:
+                        yield (gr.skip(), *unchanged)
+            except Cancelled:
+                yield ("Stopped.", *unchanged)
+                return
+            finally:  # the client left, or the run ended: either way its rows leave the engine
+                cancel.set()
             arrays = array_fields(result.data)
             s = result.stats
             found = sum(1 for span in result.spans.values() if span)
@@ -582,51 +788,62 @@ def build(runtime: Runtime) -> gr.Blocks:
                       + (f" · long text: {result.chunks} chunks merged" if result.chunked else ""))
             pick = next(iter(arrays), None)
             rows = table(arrays[pick]) if pick else [["value"]]
-            return (status, result.data, highlights(text, result.spans),
-                    gr.Dropdown(choices=list(arrays), value=pick), gr.Dataframe(value=rows[1:], headers=rows[0]),
-                    write_downloads("extraction", [("source", result.data)]), result.data)
+            yield (status, result.data, highlights(text, result.spans),
+                   gr.Dropdown(choices=list(arrays), value=pick), gr.Dataframe(value=rows[1:], headers=rows[0]),
+                   write_downloads("extraction", [("source", result.data)]), result.data)
 
         def show_array(name: str, data: Any):
             rows = table(array_fields(data).get(name, [])) if name else [["value"]]
             return gr.Dataframe(value=rows[1:], headers=rows[0])
 
         @soft(3)
-        def run_batch(files, schema_text: str, instructions_text: str, progress=gr.Progress()):
-            from lfm_mlx.extract import extract_many
-
-            parsed = parse_schema(schema_text)
+        def run_batch(request: gr.Request, files, schema_text: str, instructions_text: str):
+            parsed, instructions = parse_schema(schema_text), check_instructions(instructions_text)
             if not files:
-                raise gr.Error("Upload one or more text files first.")
-            names, texts, rows = [], [], []
+                raise refuse("Upload one or more text files first.")
+            names, texts, skipped = [], [], []
             for f in files:
                 name = Path(f).name
                 try:
-                    texts.append(read_upload(f))
+                    texts.append(check_document(read_upload(f), name))
                     names.append(name)
                 except gr.Error as e:
-                    rows.append([name, "skipped", e.message])
-            results, step = [], 4
-            progress(0, desc="Extracting")
-            for i in range(0, len(texts), step):
-                results += runtime.call(extract_many, runtime.model, runtime.tokenizer, texts[i:i + step], parsed,
-                                        instructions=instructions_text or None, progress=False)
-                progress(min(i + step, len(texts)) / len(texts), desc=f"{min(i + step, len(texts))}/{len(texts)} files")
-            rows = [[n, "valid" if r.valid else "invalid", r.error or json.dumps(r.data, ensure_ascii=False)[:200]]
-                    for n, r in zip(names, results)] + rows
-            ok = sum(r.valid for r in results)
-            files_out = write_downloads("batch", [(n, r.data) for n, r in zip(names, results)]) if results else None
-            return (f"{ok} of {len(files)} files gave valid JSON.", gr.Dataframe(value=rows, headers=["file", "result", "data / error"]),
-                    files_out)
+                    skipped.append([name, "skipped", e.message])
+            results: dict = {}  # index in texts → Extraction, as each finishes
+
+            def results_table():
+                rows = [[names[i], "valid" if r.valid else "invalid",
+                         r.error or json.dumps(r.data, ensure_ascii=False)[:200]] for i, r in sorted(results.items())]
+                return gr.Dataframe(value=rows + skipped, headers=["file", "result", "data / error"])
+
+            cancel = cancel_event(request, "batch")
+            yield f"⏳ Extracting from {len(texts)} files…", results_table(), None
+            try:
+                for batch in extraction(texts, parsed, instructions, DEFAULT_EXTRACT_TOKENS, cancel):
+                    if not batch:
+                        yield gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    results.update(batch)
+                    yield f"⏳ {len(results)} of {len(texts)} files done…", results_table(), gr.skip()
+                status = f"{sum(r.valid for r in results.values())} of {len(files)} files gave valid JSON."
+            except Cancelled:  # what finished before Stop is kept, shown and downloadable
+                status = f"Stopped: {len(results)} of {len(texts)} files finished."
+            finally:
+                cancel.set()
+            records = [(names[i], r.data) for i, r in sorted(results.items())]
+            yield status, results_table(), write_downloads("batch", records) if records else None
 
         preset.change(pick_preset, preset, [schema, source, schema_status], queue=False, **PRIVATE)
         schema.change(check, schema, schema_status, queue=False, trigger_mode="always_last", **PRIVATE)
         upload.upload(read_source, upload, source, **FREE, **PRIVATE)
         extract_btn.click(run_extract, [source, schema, instructions],
                           [extract_status, result_json, grounded, array_pick, array_table, downloads, last_result],
-                          **MODEL_EVENT, **PRIVATE)
+                          **model_event, **PRIVATE)
+        extract_stop_btn.click(stopper("extract"), None, None, queue=False, **PRIVATE)
         array_pick.change(show_array, [array_pick, last_result], array_table, queue=False, **PRIVATE)
         batch_btn.click(run_batch, [batch_files, schema, instructions], [batch_status, batch_table, batch_downloads],
-                        **MODEL_EVENT, **PRIVATE)
+                        **model_event, **PRIVATE)
+        batch_stop_btn.click(stopper("batch"), None, None, queue=False, **PRIVATE)
         page.load(lambda: check(presets[first]["schema"]) if first else "", None, schema_status, queue=False, **PRIVATE)
 
         # --- API for scripts (gradio_client) ---
@@ -634,15 +851,15 @@ def build(runtime: Runtime) -> gr.Blocks:
                  top_k: int = d.top_k, min_p: float = d.min_p, repetition_penalty: float = d.repetition_penalty,
                  max_tokens: int = 512, seed: int = -1, tools_json: str = "", role: str = "user",
                  request: gr.Request = None) -> Iterator[str]:
-            """Send a message in this client's conversation; streams the reply so far."""
+            """Send a message in this client's conversation; streams the reply so far. max_tokens is capped
+            at 4096 and at what is left of the context."""
             state = sessions.get(request)
-            check_message(runtime, state, message)
             if role not in ("user", "tool"):
-                raise gr.Error('role must be "user" or "tool".')
-            options, _ = configure(state, system_prompt, tools_json, role == "tool", temperature, top_p, top_k,
-                                   min_p, repetition_penalty, max_tokens, seed)
+                raise refuse('role must be "user" or "tool".')
+            options, _ = configure(state, message, system_prompt, tools_json, role == "tool", temperature, top_p,
+                                   top_k, min_p, repetition_penalty, max_tokens, seed)
             reply = ""
-            for reply, _ in run_turn(runtime, state, lambda s: s.send(message, role=role, **options)):
+            for reply, _ in turn(state, lambda s, cancel: s.send(message, role=role, cancel=cancel, **options)):
                 yield reply
             yield reply
 
@@ -650,7 +867,7 @@ def build(runtime: Runtime) -> gr.Blocks:
             """This client's conversation, context use and the last reply's stats."""
             state = sessions.get(request)
             s = state.session
-            last = max(state.stats) if state.stats else None
+            last = max((i for i, m in enumerate(s.messages) if m["role"] == "assistant"), default=None)
             return dict(messages=s.history, context_tokens=s.context_tokens, max_kv_size=s.max_kv_size,
                         window_active=s.window_active, last_stats=state.stats.get(last))
 
@@ -659,24 +876,35 @@ def build(runtime: Runtime) -> gr.Blocks:
             clear(request)
             return "ok"
 
-        def extract_api(text: str, schema_json: str, instructions: str = "", max_tokens: int = 1024) -> dict:
-            """Extract the JSON that schema_json describes from text; returns the extracted object."""
-            parsed = parse_schema(schema_json)
-            if not isinstance(text, str) or not text.strip():
-                raise gr.Error("The source text is empty.")
-            result = runtime.call(extract, runtime.model, runtime.tokenizer, text, parsed,
-                                  instructions=instructions or None, max_tokens=max(1, int(max_tokens)))
-            if result.data is None:
-                raise gr.Error(f"Extraction failed: {result.error}")
-            return result.data
+        def extract_api(text: str, schema_json: str, instructions: str = "", max_tokens: int = 1024
+                        ) -> Iterator[Optional[dict]]:
+            """Extract the JSON that schema_json describes from text (at most 200,000 characters); yields
+            None while it runs, then the extracted object. max_tokens (per chunk) is capped at 4096."""
+            parsed, text = parse_schema(schema_json), check_document(text)
+            limit = whole(max_tokens, "max_tokens", default=DEFAULT_EXTRACT_TOKENS)
+            if limit < 1:
+                raise refuse(f"max_tokens must be at least 1, not {limit}.")
+            cancel = threading.Event()
+            try:
+                for batch in extraction([text], parsed, check_instructions(instructions),
+                                        min(limit, MAX_REPLY_TOKENS), cancel):
+                    if not batch:
+                        yield None  # a heartbeat: how Gradio notices a client that left
+                        continue
+                    result = batch[0][1]
+                    if result.data is None:
+                        raise refuse(f"Extraction failed: {result.error}")
+                    yield result.data
+            finally:
+                cancel.set()
 
         def model_info() -> dict:
-            """The model panel: name, path, quantization, weights size, backend, memory."""
+            """The model panel: name, path, quantization, weights size, backend, engine load, memory."""
             return runtime.info()
 
-        gr.api(chat, api_name="chat", **MODEL_EVENT)
+        gr.api(chat, api_name="chat", **model_event)
         gr.api(history, api_name="history", queue=False)
         gr.api(reset, api_name="reset", queue=False)
-        gr.api(extract_api, api_name="extract", **MODEL_EVENT)
+        gr.api(extract_api, api_name="extract", **model_event)
         gr.api(model_info, api_name="model_info", queue=False)
     return page

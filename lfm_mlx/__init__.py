@@ -6,6 +6,7 @@ from .cache import PromptCache, make_cache
 from .chat import ChatSession
 from .config import ConfigError, ModelArgs
 from .constrain import SchemaError
+from .engine import Cancelled, Engine, Request
 from .extract import Extraction, extract, extract_many
 from .generate import GenerationResponse, batch_generate, generate, stream_generate
 from .loading import CheckpointError, load, load_model
@@ -13,9 +14,9 @@ from .model import Model
 from .tools import parse_tool_calls
 
 __all__ = [
-    "ChatSession", "CheckpointError", "ConfigError", "Extraction", "GenerationResponse", "Model", "ModelArgs",
-    "PromptCache", "SchemaError", "batch_generate", "extract", "extract_many", "generate", "load", "load_model",
-    "make_cache", "parse_tool_calls", "stream_generate",
+    "Cancelled", "ChatSession", "CheckpointError", "ConfigError", "Engine", "Extraction", "GenerationResponse",
+    "Model", "ModelArgs", "PromptCache", "Request", "SchemaError", "batch_generate", "extract", "extract_many",
+    "generate", "load", "load_model", "make_cache", "parse_tool_calls", "stream_generate",
 ]
 
 # `python -m lfm_mlx.extract` runs a module this package has already imported (for `extract`): harmless.

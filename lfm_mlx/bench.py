@@ -514,6 +514,10 @@ def table(report: dict) -> str:
 
 
 def main(argv: Optional[list] = None) -> dict:
+    if argv and argv[0] == "serve":  # python -m lfm_mlx.bench serve: serving under concurrency
+        from .bench_serve import main as serve
+
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lfm_mlx.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory or hub id, float or MLX-quantized "
                         "(default: random weights in the LFM2-350M shape)")

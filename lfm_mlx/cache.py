@@ -8,10 +8,12 @@ the trained window. Layers never own a cache; the model receives the list from `
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 DEFAULT_MAX_KV_SIZE = 32_768  # LFM2.5's trained context
 
@@ -19,21 +21,25 @@ DEFAULT_MAX_KV_SIZE = 32_768  # LFM2.5's trained context
 class ConvCache:
     """The last ``K - 1`` inputs of a depthwise causal conv of width ``K``."""
 
-    def __init__(self, left_padding: Optional[mx.array] = None) -> None:
+    def __init__(self) -> None:
         self.state: Optional[mx.array] = None  # [B, K - 1, C]
-        self.offset = 0  # tokens seen, padding included
-        self.left_padding = left_padding
-        # Speculative decoding keeps the last call's whole input window [B, K - 1 + L, C]: the state
-        # after any of its L positions is a slice of it, so rejected drafts cost no recomputation.
+        self.offset = 0  # tokens seen
+        # Keeping the last call's whole input window [B, K - 1 + L, C] makes the state after any of its
+        # L positions a slice of it: rejected drafts cost no recomputation, and a snapshot can be taken
+        # inside a prefill chunk without splitting it.
         self.keep_window = False
         self.window: Optional[mx.array] = None
 
     def rewind(self, fed: int, kept: int) -> None:
         """Forget the last ``fed - kept`` of the ``fed`` tokens of the last call (needs ``keep_window``)."""
         if kept < fed:
-            width = self.state.shape[1]
-            self.state = self.window[:, kept : kept + width]
+            self.state = self.state_after(fed, kept)
             self.offset -= fed - kept
+
+    def state_after(self, fed: int, kept: int) -> mx.array:
+        """The state after the first ``kept`` of the last call's ``fed`` tokens (needs ``keep_window``)."""
+        width = self.state.shape[1]
+        return self.state if kept == fed else self.window[:, kept : kept + width]
 
     @property
     def nbytes(self) -> int:
@@ -48,7 +54,7 @@ class KVCache:
     cached positions stay ``0 … size - 1``. Dropping a chunk (not one token) at a time keeps that
     re-rotation rare enough that decode speed does not depend on the window being full.
     With ``bits`` set, K/V are stored affine-quantized (``mx.quantize``) and read back by quantized
-    matmuls. ``left_padding`` ([B]) marks leading pad tokens of a left-padded batch.
+    matmuls.
     """
 
     step = 256
@@ -60,7 +66,6 @@ class KVCache:
         bits: Optional[int] = None,
         group_size: int = 64,
         rope=None,
-        left_padding: Optional[mx.array] = None,
     ) -> None:
         if max_size is not None and max_size <= keep:
             raise ValueError(f"max_kv_size ({max_size}) must be larger than keep ({keep})")
@@ -69,7 +74,6 @@ class KVCache:
         self.max_size, self.keep = max_size, keep
         self.bits, self.group_size = bits, group_size
         self.rope = rope
-        self.left_padding = left_padding
         self.keys: Optional[tuple] = None  # tuples: (array,) or (packed, scales, biases), [B, H, cap, …]
         self.values: Optional[tuple] = None
         self.offset = 0  # tokens held = RoPE position of the next token
@@ -138,6 +142,17 @@ class KVCache:
         """Forget the last ``fed - kept`` tokens written (their slots are simply overwritten later)."""
         self.offset -= fed - kept
 
+    def copy_prefix(self, n: int) -> "KVCache":
+        """A new cache with these settings holding this one's first ``n`` tokens, in buffers of its own
+        (later writes to either never reach the other)."""
+        copy = KVCache(self.max_size, self.keep, self.bits, self.group_size, self.rope)
+        if n and self.keys is not None:
+            copy._reserve(self.keys, self.values, n)
+            for dst, src in zip(copy.keys + copy.values, self.keys + self.values):
+                dst[..., :n, :] = src[..., :n, :]
+            copy.offset = n
+        return copy
+
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else sum(a.nbytes for a in self.keys + self.values)
@@ -148,21 +163,19 @@ def make_cache(
     max_kv_size: Optional[int] = None,
     keep: int = 4,
     kv_bits: Optional[int] = None,
-    left_padding: Optional[Sequence[int]] = None,
 ) -> list:
     """One cache per layer. ``max_kv_size=None`` means the trained context (32,768 tokens); 0 means
-    unbounded. ``left_padding`` gives each row's count of leading pad tokens in a left-padded batch."""
+    unbounded."""
     if max_kv_size is None:
         max_kv_size = min(DEFAULT_MAX_KV_SIZE, model.args.max_position_embeddings)
-    pad = None if left_padding is None else mx.array(left_padding)
     head_dim = model.args.head_dim
     group_size = next((g for g in (64, 32) if head_dim % g == 0), None)
     if kv_bits is not None and group_size is None:
         raise ValueError(f"kv_bits needs a head_dim divisible by 32; this model's is {head_dim}")
     return [
-        KVCache(max_kv_size or None, keep, kv_bits, group_size or 64, rope=layer.self_attn.rope, left_padding=pad)
+        KVCache(max_kv_size or None, keep, kv_bits, group_size or 64, rope=layer.self_attn.rope)
         if layer.is_attention
-        else ConvCache(pad)
+        else ConvCache()
         for layer in model.layers
     ]
 
@@ -176,11 +189,19 @@ class Snapshot:
     evictions: tuple
 
 
-def snapshot(cache: list) -> Snapshot:
-    # Conv states are replaced, never mutated, by the model, so holding references is enough.
+def snapshot(cache: list, back: int = 0) -> Snapshot:
+    """The state now, or ``back`` tokens before the end of the last call (its conv layers must have
+    kept their window). Conv states are replaced, never mutated, by the model: references suffice."""
+
+    def conv_state(c: ConvCache) -> Optional[mx.array]:
+        if not back:
+            return c.state
+        fed = c.window.shape[1] - c.state.shape[1]
+        return c.state_after(fed, fed - back)
+
     return Snapshot(
-        conv_states=tuple(getattr(c, "state", None) for c in cache),
-        offsets=tuple(c.offset for c in cache),
+        conv_states=tuple(conv_state(c) if isinstance(c, ConvCache) else None for c in cache),
+        offsets=tuple(c.offset - back for c in cache),
         evictions=tuple(getattr(c, "evictions", 0) for c in cache),
     )
 
@@ -221,10 +242,43 @@ class PromptCache:
     def max_kv_size(self) -> Optional[int]:
         return next((c.max_size for c in self.layers if isinstance(c, KVCache)), None)
 
-    def take_snapshot(self) -> None:
-        self.snapshots[len(self.tokens)] = snapshot(self.layers)
+    @property
+    def rolled(self) -> bool:
+        """Whether the KV window has dropped tokens: positions no longer map one to one to tokens."""
+        return any(getattr(c, "evictions", 0) for c in self.layers)
+
+    def take_snapshot(self, at: Optional[int] = None) -> None:
+        """Snapshot the state after ``at`` tokens (default: all); a position inside the last call
+        needs its conv layers to have kept their window."""
+        at = len(self.tokens) if at is None else at
+        self.snapshots[at] = snapshot(self.layers, back=len(self.tokens) - at)
         while len(self.snapshots) > self.max_snapshots:
             del self.snapshots[min(self.snapshots)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: KV buffers, conv states, and the conv states of snapshots."""
+        arrays = {id(a): a for a in cache_arrays(self.layers)}
+        arrays.update((id(a), a) for s in self.snapshots.values() for a in s.conv_states if a is not None)
+        return sum(a.nbytes for a in arrays.values())
+
+    def branch(self, position: int) -> "PromptCache":
+        """A new cache holding this one's state at the snapshot at ``position``: KV copied into buffers
+        of its own, conv states shared (never mutated), earlier snapshots carried over."""
+        snap = self.snapshots[position]
+        new = PromptCache.__new__(PromptCache)
+        new.model, new.settings = self.model, dict(self.settings)
+        new.layers = []
+        for c, state, offset in zip(self.layers, snap.conv_states, snap.offsets):
+            if isinstance(c, KVCache):
+                new.layers.append(c.copy_prefix(offset))
+            else:
+                conv = ConvCache()
+                conv.state, conv.offset = state, offset
+                new.layers.append(conv)
+        new.tokens = self.tokens[:position]
+        new.snapshots = {p: s for p, s in self.snapshots.items() if p <= position}
+        return new
 
     def reuse(self, prompt: Sequence[int]) -> int:
         """Bring the state to the longest reusable prefix of ``prompt``; return its length.
@@ -246,3 +300,87 @@ class PromptCache:
                 return position
         self.reset()
         return 0
+
+
+def cache_arrays(layers: list) -> list:
+    """The arrays that hold the state, to evaluate after a prefill chunk."""
+    out = []
+    for c in layers:
+        if isinstance(c, KVCache):
+            out.extend(c.keys + c.values if c.keys is not None else ())
+        elif c.state is not None:
+            out.append(c.state)
+    return out
+
+
+@dataclass
+class Rows:
+    """One layer's caches for several sequences fed in one forward pass: the pass's tokens are the
+    rows' tokens end to end, ``lengths[i]`` of them for ``caches[i]``. No padding exists to leak."""
+
+    caches: list
+    lengths: list
+
+
+def batch_rows(row_layers: Sequence[list], lengths: Sequence[int]) -> list:
+    """Per layer, the ``Rows`` of several sequences' caches (``row_layers[i]`` is row i's cache list)."""
+    return [Rows([layers[j] for layers in row_layers], list(lengths)) for j in range(len(row_layers[0]))]
+
+
+class PrefixCache:
+    """States of finished requests, kept so that later requests starting with the same tokens (a
+    system prompt, the earlier turns of a conversation) skip prefilling them.
+
+    Reuse ends at a snapshot, since a conv state cannot be trimmed: the engine snapshots at message
+    boundaries and at the end of each prompt. Entries are never written again once stored (a reuse
+    copies the KV prefix out), and the least recently used go first beyond ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[int, tuple[np.ndarray, PromptCache, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, tokens: Sequence[int], settings: dict) -> Optional[PromptCache]:
+        """A new cache at the longest stored prefix of ``tokens`` that ends at a snapshot (leaving at
+        least one token to feed), or None."""
+        query = np.asarray(tokens)
+        best, best_position = None, 0
+        for key, (ids, entry, _) in self._entries.items():
+            if entry.settings != settings:
+                continue
+            n = min(len(ids), len(query) - 1)
+            differ = np.flatnonzero(ids[:n] != query[:n])
+            common = int(differ[0]) if differ.size else n
+            position = max((p for p in entry.snapshots if p <= common), default=0)
+            if position > best_position:
+                best, best_position = key, position
+        if best is None:
+            return None
+        self._entries.move_to_end(best)
+        return self._entries[best][1].branch(best_position)
+
+    def insert(self, cache: PromptCache) -> None:
+        """Keep ``cache`` (which the caller gives up). Entries it extends are merged into it."""
+        if cache.rolled or not cache.tokens:
+            return
+        ids = np.asarray(cache.tokens)
+        for key, (old_ids, old, _) in list(self._entries.items()):
+            if (old.settings == cache.settings and len(old_ids) <= len(ids)
+                    and np.array_equal(ids[: len(old_ids)], old_ids)):
+                for position, snap in old.snapshots.items():
+                    cache.snapshots.setdefault(position, snap)
+                self._remove(key)
+        size = cache.nbytes
+        if size > self.max_bytes:
+            return
+        self._entries[id(cache)] = (ids, cache, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: int) -> None:
+        self.nbytes -= self._entries.pop(key)[2]

@@ -13,18 +13,146 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .cache import PromptCache
 from .generate import GenerationResponse, stream_generate
+from .sample import MAX_PENALTY, MAX_TEMPERATURE
+
+MAX_SESSION_BYTES = 20 * 1024 * 1024
+
+
+def _check_unicode(text: str) -> str:
+    """Refuse a lone surrogate: legal in JSON and in Python strings, but not UTF-8, so the tokenizer
+    raises on it, and on every later turn if it gets into the history."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate {text[e.start]!r} at character {e.start}, "
+                         "which is not valid Unicode") from None
+    return text
+
+
+_Text = Annotated[str, AfterValidator(_check_unicode)]
+
+
+class _Strict(BaseModel):
+    # strict: no "0.5" for a number, no true for an integer; forbid: a misspelt field is an error
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class _Sampling(_Strict):
+    """What ``stream_generate`` takes, in the ranges ``SamplingSettings`` accepts."""
+    temperature: Optional[float] = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=MAX_PENALTY)
+    repetition_context_size: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _within_vocabulary(cls, top_k: Optional[int], info: ValidationInfo) -> Optional[int]:
+        vocab = info.context["vocab_size"]  # the model's: top_k counts its tokens
+        if top_k is not None and top_k > vocab:
+            raise ValueError(f"must be at most {vocab} (the vocabulary size), not {top_k}; 0 turns it off")
+        return top_k
+
+
+class _Function(_Strict):
+    name: _Text
+    arguments: dict[str, Any]
+
+
+class _ToolCall(_Strict):
+    type: Literal["function"]
+    function: _Function
+
+
+class _Message(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: _Text
+    tool_calls: Optional[list[_ToolCall]] = None
+
+
+class _SavedChat(_Strict):
+    """The file ``save`` writes and ``load`` reads."""
+    system: Optional[_Text] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    messages: list[_Message]
+    sampling: Optional[_Sampling] = None
+    max_kv_size: Optional[int] = Field(None, ge=1)
+    kv_bits: Optional[Literal[4, 8]] = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_unicode(cls, tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+        _check_unicode(json.dumps(tools, ensure_ascii=False))
+        return tools
+
+
+_EXPECTED = {"model_type": "an object", "dict_type": "an object", "list_type": "a list", "string_type": "a string",
+             "int_type": "an integer", "float_type": "a number"}
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as the file's author would name it."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    shown = json.dumps(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _field_error(error: dict) -> str:
+    """Pydantic's first complaint as one line: the field's path, then what is wrong with it."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    kind = error["type"]
+    if kind in _EXPECTED:
+        problem = f"must be {_EXPECTED[kind]}, not {_describe(error['input'])}"
+    elif kind == "missing":
+        problem = "is missing"
+    elif kind == "extra_forbidden":
+        known = _Sampling.model_fields if error["loc"][0] == "sampling" else None
+        problem = f"unknown setting (known: {', '.join(known)})" if known else "unknown field"
+    elif kind == "value_error":
+        problem = str(error["ctx"]["error"])
+    else:
+        problem = f"{error['msg'].replace('Input should be', 'must be')}, not {_describe(error['input'])}"
+    return f"{path}: {problem}" if path else problem
+
+
+def _read_json(path: Path) -> Any:
+    """The file's JSON; one clear line for a file too big, not UTF-8 or not JSON."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_SESSION_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_SESSION_BYTES:
+        raise ValueError(f"{path.name}: over {MAX_SESSION_BYTES // 2**20} MB, too big for a saved chat session")
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name}: not a saved chat session: not UTF-8 text (byte offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path.name}: not a saved chat session: not valid JSON "
+                         f"({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 class ChatSession:
     max_known_prefixes = 16
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, tools: Optional[list] = None,
-                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, **sampling):
-        self.model, self.tokenizer = model, tokenizer
+                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, engine=None, **sampling):
+        """``engine``: a shared (e.g. threaded) ``lfm_mlx.engine.Engine`` to reply through, so that
+        several sessions are answered in one batch; by default each reply runs on its own."""
+        self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.system, self.tools = system, tools
         self.sampling = sampling
         self.cache = PromptCache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
@@ -55,6 +183,12 @@ class ChatSession:
         """Add a message (``role="tool"`` feeds a tool result back) and stream the reply."""
         if not isinstance(content, str) or not content.strip():
             raise ValueError("the message is empty")
+        if role not in ("user", "tool"):
+            raise ValueError(f'role must be "user" or "tool", not {role!r}')
+        try:
+            _check_unicode(content)
+        except ValueError as e:
+            raise ValueError(f"the message {e}") from None
         self.messages.append({"role": role, "content": content})
         return self._respond(sampling)
 
@@ -114,51 +248,64 @@ class ChatSession:
         self._remember(prompt_text, prompt)
         options = {**self.sampling, **sampling}
         stream = stream_generate(self.model, self.tokenizer, prompt, prompt_cache=self.cache,
-                                 checkpoints=[len(before_last)], **options)
-        reply, generated, finished = "", [], None
+                                 checkpoints=[len(before_last)], engine=self.engine, **options)
+        reply, generated, finished = [], [], None
         try:
             for response in stream:
-                reply += response.text
+                reply.append(response.text)
                 generated.append(response.token)
                 finished = response
                 yield response
         finally:
             stream.close()
-            message = {"role": "assistant", "content": reply}
-            if finished is not None and finished.tool_calls:
-                message["tool_calls"] = [
-                    {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                    for c in finished.tool_calls if "error" not in c
-                ]
-            self.messages.append(message)
-            self._remember(prompt_text + self.tokenizer.decode(generated), prompt + generated)
+            if finished is not None:  # failed or stopped before a token: no empty reply in the history
+                self._add_reply("".join(reply), finished)
+                self._remember(prompt_text + self.tokenizer.decode(generated), prompt + generated)
+
+    def _add_reply(self, content: str, last: GenerationResponse) -> None:
+        message = {"role": "assistant", "content": content}
+        if last.tool_calls:
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in last.tool_calls if "error" not in c
+            ]
+        self.messages.append(message)
 
     def save(self, path: Union[str, Path]) -> None:
-        """The conversation and settings as JSON, written atomically (the KV state is not saved)."""
+        """The conversation and settings as JSON, written atomically (the KV state is not saved).
+        Raises ValueError, writing nothing, for a session that ``load`` would refuse."""
         data = dict(system=self.system, tools=self.tools, messages=self.messages, sampling=self.sampling,
                     max_kv_size=self.cache.settings["max_kv_size"], kv_bits=self.cache.settings["kv_bits"])
+        try:
+            _SavedChat.model_validate(data, context={"vocab_size": self.model.args.vocab_size})
+        except ValidationError as e:
+            raise ValueError(f"cannot save this session: {_field_error(e.errors()[0])}") from None
         path = Path(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, ensure_ascii=False, indent=2)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path: Union[str, Path], model, tokenizer) -> "ChatSession":
-        """A session from ``save``'s JSON; the next message prefills the conversation once."""
+        """A session from ``save``'s JSON; the next message prefills the conversation once. Raises
+        ValueError with one line naming the field and the problem for a file ``save`` would not write."""
+        path = Path(path)
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            messages = data["messages"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is not a saved chat session: {e}") from None
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("user", "assistant", "tool", "system")
-            and isinstance(m.get("content"), str) for m in messages
-        ):
-            raise ValueError(f"{path}: messages must be a list of {{role, content}} objects")
-        session = cls(model, tokenizer, system=data.get("system"), tools=data.get("tools"),
-                      max_kv_size=data.get("max_kv_size"), kv_bits=data.get("kv_bits"),
-                      **(data.get("sampling") or {}))
+            saved = _SavedChat.model_validate(_read_json(path), context={"vocab_size": model.args.vocab_size})
+        except ValidationError as e:
+            raise ValueError(f"{path.name}: {_field_error(e.errors()[0])}") from None
+        messages = [m.model_dump(exclude_none=True) for m in saved.messages]
+        sampling = saved.sampling.model_dump(exclude_unset=True) if saved.sampling else {}
+        try:
+            session = cls(model, tokenizer, system=saved.system, tools=saved.tools, max_kv_size=saved.max_kv_size,
+                          kv_bits=saved.kv_bits, **sampling)
+        except ValueError as e:  # what the session itself refuses, e.g. a KV window too small
+            raise ValueError(f"{path.name}: {e}") from None
         session.messages = [m for m in messages if m["role"] != "system"]
         if session.system is None and messages and messages[0]["role"] == "system":
             session.system = messages[0]["content"]

@@ -1,14 +1,19 @@
-"""JSON-Schema constrained decoding with llguidance, as an mlx-lm logits processor.
+"""Constrained decoding with llguidance, as an mlx-lm logits processor: JSON Schema, tool calls,
+or any llguidance grammar.
 
-The grammar allows no free whitespace (separators are exactly ", " and ": ", as
+The JSON grammar allows no free whitespace (separators are exactly ", " and ": ", as
 json.dumps writes them), so a model cannot pad a document with blanks forever, and
-after the top-level value only EOS is allowed. Strings, numbers and arrays without
-bounds can still run long: given `max_tokens`, the constraint forces a short closing
-sequence when the budget is about to run out, so the document is always complete.
+after the top-level value only EOS is allowed. The tool-call grammar is LFM2's call
+syntax around such JSON values. Strings, numbers and arrays without bounds can still
+run long: given `max_tokens`, the constraint forces a short closing sequence when the
+budget is about to run out, so the document is always complete.
 """
 
 from __future__ import annotations
 
+import json
+import keyword
+import re
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,14 +29,21 @@ from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-SUPPORTED_KEYWORDS = frozenset({
+from .tools import TOOL_CALL_END, TOOL_CALL_START, tool_function
+
+# annotations only (discriminator: Pydantic tagged unions, enforced by their oneOf)
+ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly", "discriminator"})
+SUPPORTED_KEYWORDS = ANNOTATIONS | {
     "type", "properties", "required", "additionalProperties", "items", "prefixItems",
     "minItems", "maxItems", "enum", "const", "pattern", "minLength", "maxLength",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf",
-    "$ref", "$defs", "definitions", "format",
-    # annotations only (discriminator: Pydantic tagged unions, enforced by their oneOf)
-    "title", "description", "default", "examples", "$schema", "$id", "$comment",
-    "deprecated", "readOnly", "writeOnly", "discriminator"})
+    "$ref", "$defs", "definitions", "format"}
+# What a tool's `parameters` may say at its top level: the call grammar enforces exactly these.
+PARAMETERS_KEYWORDS = ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "$defs", "definitions"}
+MAX_SCHEMA_CHARS = 2_000_000  # as JSON; real-world schemas reach ~900 KB (SchemaStore)
+MAX_SCHEMA_DEPTH = 64  # nesting of the schema document itself
 SEPARATORS = b"@:./-TZ+"  # what moves a format on to its next part: e-mail, URI, host name, date-time
 FORCE_SLACK = 20  # closing starts this early: room to finish a value opened meanwhile (a date-time: ~16)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -83,14 +95,165 @@ def check_schema(schema: dict | type) -> dict:
         schema = schema.model_json_schema()
     if not isinstance(schema, dict):
         raise SchemaError(f"schema must be a dict or a Pydantic model class, not {type(schema).__name__}")
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise SchemaError(f"invalid schema: {e.message} at {e.json_path}") from None
+    size = len(json.dumps(schema, ensure_ascii=False))
+    if size > MAX_SCHEMA_CHARS:
+        raise SchemaError(f"the schema is {size:,} characters; the limit is {MAX_SCHEMA_CHARS:,}")
+    depth = _depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels of objects and arrays deep: "
+                          "flatten it or move repeated parts into $defs")
+    _check_meta(schema, "invalid schema")
     error = LLMatcher.validate_grammar(build_grammar(schema))
     if error:
         raise SchemaError(f"schema rejected by llguidance: {error}")
+    _check_finite(schema)
     return schema
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON objects and arrays nest in `value`, without recursion (no stack to overflow)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if level + 1 > MAX_SCHEMA_DEPTH:
+                    return level + 1
+                deepest = max(deepest, level + 1)
+                stack.append((child, level + 1))
+    return max(deepest, 1)
+
+
+def _check_finite(schema: dict) -> None:
+    """Refuse a schema with a definition no finite document satisfies: `$ref`s that lead back to
+    themselves (A → B → A) or recursion through required properties. llguidance accepts such
+    grammars, then fails on the documents that reach them; this names the definition in one line."""
+    defs = {f"#/{key}/{name}": sub for key in ("$defs", "definitions") for name, sub in schema.get(key, {}).items()}
+    finite = dict.fromkeys(defs, False)  # least fixpoint: a definition is finite once shown to be
+
+    def ends(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return node is not False
+        if "$ref" in node and not finite.get(node["$ref"], False):
+            return False
+        if not all(ends(sub) for sub in node.get("allOf", ())):
+            return False
+        for key in ("anyOf", "oneOf"):
+            if key in node and not any(ends(sub) for sub in node[key]):
+                return False
+        properties = node.get("properties", {})
+        if not all(ends(properties[name]) for name in node.get("required", ()) if name in properties):
+            return False
+        prefix = node.get("prefixItems", [])
+        if not all(ends(sub) for sub in prefix[: node.get("minItems", 0)]):
+            return False
+        items = node.get("items")
+        return not (node.get("minItems", 0) > len(prefix) and isinstance(items, dict) and not ends(items))
+
+    changed = True
+    while changed:
+        changed = False
+        for ref, sub in defs.items():
+            if not finite[ref] and ends(sub):
+                finite[ref] = changed = True
+    used = set(re.findall(r'"\$ref": "([^"]*)"', json.dumps(schema)))
+    endless = next((ref for ref in defs if not finite[ref] and ref in used), None)
+    if endless is not None or not ends(schema):
+        endless = endless or next(ref for ref in defs if not finite[ref])
+        raise SchemaError(f"no finite document fits this schema: {endless!r} refers back to itself through "
+                          "required properties or a cycle of $refs; make the recursion optional")
+
+
+def _check_meta(schema: dict, what: str) -> None:
+    """Raise SchemaError unless `schema` is valid against its JSON Schema metaschema."""
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise SchemaError(f"{what}: {e.message} at {e.json_path}") from None
+
+
+def tool_call_grammar(tools: list[dict], name: str | None = None) -> str:
+    """llguidance grammar for a reply that is nothing but a tool call, then EOS.
+
+    Exactly one call to `name` if given (a named tool_choice), else one or more calls to
+    any of `tools` (tool_choice "required"), as LFM2 writes them:
+    `<|tool_call_start|>[f(a=1, b="x"), g()]<|tool_call_end|>`. Each value is JSON in
+    json.dumps layout valid for its parameter's schema (`parse_tool_calls` reads JSON
+    as Python literals); required arguments are always there, optional ones may be
+    left out, all in the order of `properties`. Tools are in OpenAI form or bare
+    (see `tool_function`); ValueError (SchemaError for schemas) if a tool cannot be
+    enforced: names that are not Python identifiers, `parameters` not an object schema.
+    """
+    functions = [tool_function(tool) for tool in tools]
+    names = [function.get("name") for function in functions]
+    for tool_name in names:
+        _check_identifier(tool_name, "tool name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tool names must be unique: {names}")
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"tool {name!r} is not among the tools {names}")
+        functions = [functions[names.index(name)]]
+    if not functions:
+        raise ValueError("tool_call_grammar needs at least one tool")
+    calls = "call" if name is not None else 'call (", " call)*'
+    lines = ["%llguidance {}", f'start: {TOOL_CALL_START} "[" {calls} "]" {TOOL_CALL_END}',
+             "call: " + " | ".join(f"t{i}" for i in range(len(functions)))]
+    for i, function in enumerate(functions):
+        lines += _call_rules(f"t{i}", function)
+    grammar = LLMatcher.grammar_from_lark("\n".join(lines))
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise SchemaError(f"tool grammar rejected by llguidance: {error}")
+    return grammar
+
+
+def _check_identifier(name: Any, what: str) -> None:
+    # The call is read back with ast: anything else would not parse as name(arg=value).
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"{what} {name!r} is not a Python identifier, so it cannot be written as a call")
+
+
+def _call_rules(rule: str, function: dict) -> list[str]:
+    """Lark rules for one call: `name(` arguments `)`, required ones always, optional ones maybe."""
+    name = function["name"]
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    path = f"$.{name}.parameters"
+    if not isinstance(parameters, dict) or parameters.get("type") != "object":
+        raise SchemaError(f"parameters of tool {name!r} must be an object schema ({{\"type\": \"object\", ...}})")
+    _check_meta(parameters, f"invalid parameters of tool {name!r}")
+    for key in parameters:
+        if key not in PARAMETERS_KEYWORDS:
+            raise SchemaError(f"unsupported schema keyword {key!r} at {path}")
+    parameters = _walk(parameters, path)
+    properties = parameters.get("properties", {})
+    required = set(parameters.get("required", ()))
+    if missing := sorted(required - properties.keys()):
+        raise SchemaError(f"required parameters {missing} of tool {name!r} are not in its properties")
+    defs = {key: parameters[key] for key in ("$defs", "definitions") if key in parameters}
+    lines, args = [], []
+    for j, (param, schema) in enumerate(properties.items()):
+        _check_identifier(param, f"parameter name of tool {name!r}:")
+        value = {} if schema is True else schema  # `true` accepts any JSON value
+        value = {**defs, **value, "x-guidance": JSON_OPTIONS} if isinstance(value, dict) else value
+        lines.append(f"{rule}_a{j}: {json.dumps(param + '=')} %json {json.dumps(value, ensure_ascii=False)}")
+        args.append((f"{rule}_a{j}", param in required))
+    # Tail j: the arguments from j on, each after ", " (something was written before them).
+    for j, (arg, is_required) in enumerate(args[1:], start=1):
+        rest = f" {rule}_r{j + 1}" if j + 1 < len(args) else ""
+        lines.append(f'{rule}_r{j}: ", " {arg}{rest}' if is_required else f'{rule}_r{j}: (", " {arg})?{rest}')
+    # The first argument written is any optional one up to and including the first required one.
+    first = []
+    for j, (arg, is_required) in enumerate(args):
+        first.append(f"{arg} {rule}_r{j + 1}" if j + 1 < len(args) else arg)
+        if is_required:
+            break
+    if not first:
+        return [f'{rule}: {json.dumps(name + "()")}']
+    optional = "" if required else "?"
+    return [f'{rule}: {json.dumps(name + "(")} {rule}_args{optional} ")"',
+            f"{rule}_args: " + " | ".join(first), *lines]
 
 
 @dataclass
@@ -123,7 +286,7 @@ def _kind(byte: int) -> int:
 
 
 def _closing_ranks(ll: LLTokenizer) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Outside strings: closers `]}` first, then ',' separators, then minimal values.
+    """Outside strings: closers `]})` first (`)` ends a tool call), then ',' separators, then minimal values.
     Inside, one ranking per kind of the last byte written: a quote followed only by closers; after
     a digit or letter, a separator; then tokens of another kind than the last byte, which leave a
     format's or pattern's repetition ("P123" → "D" in a duration, "ada" → "@" in an e-mail); then
@@ -136,15 +299,16 @@ def _closing_ranks(ll: LLTokenizer) -> tuple[tuple[np.ndarray, np.ndarray], ...]
         if not b or ll.is_special_token(i):
             continue
         s = b.strip()
-        if s and not s.strip(b"]}"):
+        value = s.removeprefix(b"=")  # in a tool call, `="` or `=[]` starts the argument's value
+        if s and not s.strip(b"]})"):
             outside[i] = 1000 - len(b)
         elif b.rstrip(b' "') == b",":
             outside[i] = 2000 - len(b)
-        elif s in minimal:
-            outside[i] = 3000 + minimal.index(s)
+        elif value in minimal:
+            outside[i] = 3000 + minimal.index(value)
         else:
             outside[i] = 9000 - len(b) + 100 * (b"-" in b)  # ": 0" rather than ": -0"
-        if b.startswith(b'"') and not b[1:].strip(b"]}"):  # not '",': that opens another value
+        if b.startswith(b'"') and not b[1:].strip(b"]})"):  # not '",': that opens another value
             inside[:, i] = 1000 - len(b)
             continue
         for last in range(3):
@@ -211,25 +375,30 @@ class MaskStats:
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-mlx-mask")
 
 
-class JSONConstraint:
-    """Logits processor (mlx-lm convention) keeping ONE sequence inside `schema`.
+class GrammarConstraint:
+    """Logits processor (mlx-lm convention) keeping ONE sequence inside an llguidance `grammar`
+    (from `LLMatcher.grammar_from_*`, `build_grammar` or `tool_call_grammar`).
 
     Called as `processor(tokens, logits)` with all token ids so far; the first call
     takes `tokens` as the prompt. Calling `prepare(token)` as soon as a token is
     sampled computes the next mask while the model runs. With `max_tokens`, the
-    document is forced closed (ending in EOS) within that many generated tokens.
+    output is forced closed (ending in EOS) within that many generated tokens when a
+    short enough completion exists; the closing heuristics know JSON and tool calls,
+    for other grammars they may take more tokens (they only ever pick allowed ones).
     """
 
-    def __init__(self, tokenizer: Any, schema: dict | type, *, vocab_size: int,
-                 max_tokens: int | None = None) -> None:
-        self.schema = check_schema(schema)
+    kind = "grammar"  # names the constraint in errors
+
+    def __init__(self, tokenizer: Any, grammar: str, *, vocab_size: int, max_tokens: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.max_tokens = max_tokens
         self._vocab = _vocab(tokenizer)
         self._ll = self._vocab.ll
+        self._matcher = LLMatcher(self._ll, grammar, log_level=0)
+        if self._matcher.is_error():  # e.g. a special token this tokenizer does not have
+            raise ValueError(f"grammar rejected by llguidance: {self._matcher.get_error()}")
         if max_tokens is not None and not self._vocab.closing:
             self._vocab.closing = _closing_ranks(self._ll)
-        self._matcher = LLMatcher(self._ll, build_grammar(self.schema), log_level=0)
         self._bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
         self._prompt_len: int | None = None
         self._string_state = (False, False)
@@ -241,7 +410,7 @@ class JSONConstraint:
 
     @property
     def is_done(self) -> bool:
-        """A complete document has been generated: EOS is allowed."""
+        """A complete output has been generated: EOS is allowed."""
         self._settle()
         return self._matcher.is_accepting()
 
@@ -277,7 +446,7 @@ class JSONConstraint:
 
     def _advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise RuntimeError(f"token {token} broke the JSON constraint: {self._matcher.get_error()}")
+            raise RuntimeError(f"token {token} broke the {self.kind} constraint: {self._matcher.get_error()}")
         self.generated.append(token)
         if self.max_tokens is not None:
             self._string_state = _in_string(self._string_state, self._ll.decode_bytes([token]))
@@ -293,7 +462,7 @@ class JSONConstraint:
         else:
             fill_next_token_bitmask(self._matcher, self._bitmask)
             if self._matcher.is_error():
-                raise RuntimeError(f"JSON constraint failed: {self._matcher.get_error()}")
+                raise RuntimeError(f"{self.kind} constraint failed: {self._matcher.get_error()}")
         self.stats.seconds += time.perf_counter() - start
         self.stats.count += 1
         return self._bitmask
@@ -331,3 +500,15 @@ class JSONConstraint:
             data = self._ll.decode_bytes(tokens)
             state, last = _in_string(state, data), data[-1:] or last
         return None
+
+
+class JSONConstraint(GrammarConstraint):
+    """GrammarConstraint for a JSON Schema (a dict or a Pydantic model class), checked first
+    (SchemaError before any generation)."""
+
+    kind = "JSON"
+
+    def __init__(self, tokenizer: Any, schema: dict | type, *, vocab_size: int,
+                 max_tokens: int | None = None) -> None:
+        self.schema = check_schema(schema)
+        super().__init__(tokenizer, build_grammar(self.schema), vocab_size=vocab_size, max_tokens=max_tokens)

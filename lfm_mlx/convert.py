@@ -3,7 +3,8 @@
 Weights load lazily (``mx.load`` reads a safetensors tensor only when it is first used) and are
 quantized one layer at a time, so the float model is never whole in memory. Everything that can be
 checked is checked before anything is written; the result is built in a temporary directory beside the
-destination and renamed into place only when complete, so a failed run leaves no trace.
+destination and renamed into place only when complete, so a failed or terminated (SIGTERM) run leaves no
+trace, and the folders of a killed one (kill -9, power loss) are repaired or removed by the next run.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,7 +27,18 @@ from mlx.utils import tree_map, tree_unflatten
 from mlx_lm.utils import compute_bits_per_weight, dequantize_model, save_config, save_model
 
 from .config import load_config
-from .loading import DTYPES, get_model_path, load_model, weight_files
+from .loading import (
+    DTYPES,
+    describe_tensors,
+    get_model_path,
+    load_model,
+    load_weights,
+    nonfinite_tensors,
+    recover_interrupted_write,
+    weight_files,
+    write_folder,
+    write_token,
+)
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -41,7 +55,11 @@ PROMPT_IDS_WITHOUT_TOKENIZER = list(range(1, 9))
 
 
 class ConversionError(ValueError):
-    """Options or paths that cannot make a conversion; raised before anything is written."""
+    """Options, paths or weights that cannot make a conversion; raised before anything is written."""
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the conversion stands so that its temporary directory is removed."""
 
 
 @dataclass
@@ -131,7 +149,7 @@ def convert(
     mx.reset_peak_memory()
     quantize = quantize and not dequantize
     bits, group_size = _check_options(quantize, q_bits, q_group_size, quant_recipe, dtype)
-    dst = _check_destination(Path(mlx_path), force)
+    dst = _check_destination(mlx_path, force)
     src = get_model_path(hf_path, revision).resolve()
     if dst == src or dst in src.parents:
         raise ConversionError(f"{dst} holds the source checkpoint: choose another --mlx-path")
@@ -143,10 +161,16 @@ def convert(
     if dequantize and not config.get("quantization"):
         raise ConversionError(f"{src} is not an MLX-quantized directory: there is nothing to dequantize")
     dtype = dtype or config.get("torch_dtype") or config.get("dtype")
-    dtype = dtype if dtype in DTYPES else "bfloat16"
+    dtype = dtype if isinstance(dtype, str) and dtype in DTYPES else "bfloat16"
     # Parses config.json and every safetensors header, and checks each tensor's shape: bad input stops
     # here. The weights themselves stay on disk until used.
     model = load_model(src, dtype, lazy=True)
+    bad = nonfinite_tensors(load_weights(src))
+    if bad:
+        raise ConversionError(
+            f"{describe_tensors(bad)} of {src} holds NaN or inf values: the checkpoint is damaged; "
+            "download it again, or convert another"
+        )
 
     ids = mx.array([_prompt_ids(src)])
     reference = None
@@ -171,37 +195,39 @@ def convert(
     bits_per_weight = compute_bits_per_weight(model)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would become the destination's
-    try:
-        save_model(tmp, model, donate_model=True)
-        save_config(config, tmp / "config.json")
-        for pattern in SIDE_FILES:
-            for f in src.glob(pattern):
-                shutil.copyfile(f, tmp / f.name)
-        report = ConversionReport(
-            source=str(hf_path),
-            mlx_path=str(dst),
-            dtype=dtype,
-            bits=bits if quantize else None,
-            group_size=group_size if quantize else None,
-            recipe=quant_recipe,
-            source_bytes=sum(f.stat().st_size for f in weight_files(src)),
-            output_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
-            bits_per_weight=bits_per_weight,
-            tensors=tensors,
-            top1_agreement=top1,
-            kl=kl,
-            prompt_tokens=ids.shape[1],
-            seconds=time.perf_counter() - start,
-            peak_memory=mx.get_peak_memory(),
-            max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
-        )
-        (tmp / "README.md").write_text(_model_card(report, hub_id=not Path(hf_path).expanduser().exists()))
-        _move_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    token = write_token()
+    tmp = write_folder(dst, "tmp", token)
+    with _sigterm_unwinds():
+        try:
+            tmp.mkdir()  # not mkdtemp: its 0700 mode would become the destination's
+            save_model(tmp, model, donate_model=True)
+            save_config(config, tmp / "config.json")
+            for pattern in SIDE_FILES:
+                for f in src.glob(pattern):
+                    shutil.copyfile(f, tmp / f.name)
+            report = ConversionReport(
+                source=str(hf_path),
+                mlx_path=str(dst),
+                dtype=dtype,
+                bits=bits if quantize else None,
+                group_size=group_size if quantize else None,
+                recipe=quant_recipe,
+                source_bytes=sum(f.stat().st_size for f in weight_files(src)),
+                output_bytes=sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+                bits_per_weight=bits_per_weight,
+                tensors=tensors,
+                top1_agreement=top1,
+                kl=kl,
+                prompt_tokens=ids.shape[1],
+                seconds=time.perf_counter() - start,
+                peak_memory=mx.get_peak_memory(),
+                max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+            )
+            (tmp / "README.md").write_text(_model_card(report, hub_id=not Path(hf_path).expanduser().exists()))
+            _move_into_place(tmp, dst, write_folder(dst, "old", token))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return report
 
 
@@ -225,8 +251,25 @@ def _check_options(
     return bits, group_size
 
 
-def _check_destination(dst: Path, force: bool) -> Path:
-    dst = dst.expanduser().resolve()
+def _check_destination(mlx_path: Union[str, Path], force: bool) -> Path:
+    """Refuse, before touching anything, a destination whose overwrite would delete more than a model:
+    ``""`` (which means ``.``), the current or home directory, or one holding either (``/``). Then repair
+    what a killed conversion to it left behind, and check it can be written."""
+    if not str(mlx_path).strip():
+        raise ConversionError(
+            "--mlx-path is empty, which means the current directory: name the directory to write, "
+            "e.g. --mlx-path lfm2-4bit"
+        )
+    dst = Path(mlx_path).expanduser().resolve()
+    places = {Path.cwd().resolve(): "the current directory", Path.home().resolve(): "your home directory"}
+    held = [f"a directory holding {name}" for place, name in places.items() if dst in place.parents]
+    what = "the filesystem root" if dst == dst.parent else places.get(dst) or next(iter(held), None)
+    if what:
+        raise ConversionError(
+            f"--mlx-path {mlx_path} is {what}: the model needs a directory of its own, which --force "
+            "replaces whole; name a new one, e.g. --mlx-path lfm2-4bit"
+        )
+    recover_interrupted_write(dst)
     if dst.is_file():
         raise ConversionError(f"{dst} is a file: --mlx-path names the directory to write")
     if dst.is_dir() and any(dst.iterdir()) and not force:
@@ -315,16 +358,40 @@ def _model_card(report: ConversionReport, hub_id: bool) -> str:
     )
 
 
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """An existing destination is moved aside, and deleted only once the new one stands in its place."""
+def _move_into_place(tmp: Path, dst: Path, aside: Path) -> None:
+    """An existing destination is moved aside, and deleted only once the new one stands in its place. A
+    crash between the two renames leaves both beside it, which ``recover_interrupted_write`` repairs."""
     if not dst.exists():
         tmp.rename(dst)
         return
-    aside = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
     dst.rename(aside)
     try:
         tmp.rename(dst)
-    except OSError:
+    except BaseException:
         aside.rename(dst)
         raise
     shutil.rmtree(aside)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the conversion writes, SIGTERM unwinds it (removing its temporary directory) and is then
+    raised again under the default handler, so the process still ends by SIGTERM. Only the default
+    handler is replaced, and only in the main thread: a program with its own handler keeps its policy
+    (a handler that raises, as ``sys.exit`` does, removes the directory too)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        raise  # only if SIGTERM is blocked
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

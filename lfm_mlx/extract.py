@@ -16,25 +16,30 @@ import csv
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
-from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
 import jsonschema
-import mlx.core as mx
 from tqdm import tqdm
 
 from .constrain import JSONConstraint, SchemaError, check_schema
-from .generate import Prompt, batch_generate, encode_prompt, stream_generate
+from .engine import Cancelled, Engine, GenerationResponse, Request
+from .generate import encode_prompt, message_starts, sampling_settings
 from .grounding import Span, ground
+from .sample import MAX_TEMPERATURE
 
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_CONTEXT_BUDGET = 8192  # document tokens per prompt: a quarter of a 32k context
 OVERLAP = 0.1  # of the budget: a fact cut by one chunk boundary is whole in the neighbouring chunk
+SAVE_EVERY_S = 30.0  # the CLI rewrites its output this often while running
+PREFIX_CACHE_BYTES = 64 << 20  # the system prompt and schema, prefilled once for all documents
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "assets" / "schemas"
 SYSTEM_PROMPT = ("Identify and extract information matching the following schema. "
                  "Return data as a JSON object. Missing data should be omitted.")
@@ -224,45 +229,40 @@ def merge_all(documents: Sequence[Any], schema: dict) -> Any:
 
 # --- generation -------------------------------------------------------------------------------------
 
-def _constraint(model, tokenizer, schema: dict, max_tokens: int) -> JSONConstraint:
-    return JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=max_tokens)
+def _requests(model, tokenizer, prompts: Iterable[list[int]], schema: dict, *, max_tokens: int,
+              temperature: float, seed: Optional[int], cancel: Optional[threading.Event]) -> Iterator[Request]:
+    """One engine request per chunk prompt, each with a grammar of its own, built only when the
+    engine has room for it (a grammar matcher is not free)."""
+    settings = sampling_settings(model, temperature=temperature, repetition_penalty=1.0)
+    for prompt in prompts:
+        constraint = JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=max_tokens)
+        yield Request(prompt, max_tokens=max_tokens, sampling=settings, seed=seed, logits_processors=[constraint],
+                      checkpoints=message_starts(tokenizer, prompt), cancel=cancel)
 
 
-def _generate_one(model, tokenizer, prompt: Prompt, schema: dict, *, max_tokens: int,
-                  temperature: float, seed: Optional[int]) -> _Output:
-    constraint = _constraint(model, tokenizer, schema, max_tokens)
-    raw, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
-                                repetition_penalty=1.0, seed=seed, logits_processors=[constraint]):
-        raw += last.text
-    stats = ExtractionStats(last.prompt_tokens, last.generation_tokens, last.generation_tps, last.ttft_s,
-                            constraint.stats.ms_per_token, last.peak_memory_mb)
-    return _Output(raw, stats)
+def _outputs(engine: Engine, requests: Iterable[Request]) -> Iterator[tuple[int, _Output]]:
+    """(i, output) for request i as each finishes; a row that fails is an output with its error."""
+    texts: dict[int, list[str]] = {}
+    last: dict[int, GenerationResponse] = {}
+    processors: dict[int, JSONConstraint] = {}
 
+    def remembered(items: Iterable[Request]) -> Iterator[Request]:
+        for i, request in enumerate(items):
+            processors[i] = request.logits_processors[0]
+            yield request
 
-def _generate_batch(model, tokenizer, prompts: list[list[int]], schema: dict, *, max_tokens: int,
-                    temperature: float, seed: Optional[int], on_token: Callable[[int], None]) -> list[_Output]:
-    """One grammar per row through `batch_generate`; the rate is the batch's, shared by its rows."""
-    constraints = [_constraint(model, tokenizer, schema, max_tokens) for _ in prompts]
-    first_token: list[float] = []
-
-    def step(n: int) -> None:
-        if n == 0:
-            first_token.append(time.perf_counter())
-        on_token(n)
-
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    texts = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, temperature=temperature,
-                           repetition_penalty=1.0, seed=seed, on_token=step,
-                           row_logits_processors=[[c] for c in constraints])
-    end = time.perf_counter()
-    # a finished row's EOS is never fed back to its constraint: +1
-    tokens = [min(len(c.generated) + 1, max_tokens) for c in constraints]
-    tps = (sum(tokens) - len(prompts)) / (end - first_token[0]) if end > first_token[0] else 0.0
-    peak = mx.get_peak_memory() / 1e6
-    return [_Output(text, ExtractionStats(len(p), n, tps, first_token[0] - start, c.stats.ms_per_token, peak))
-            for text, p, n, c in zip(texts, prompts, tokens, constraints)]
+    for i, item in engine.stream_many(remembered(requests)):
+        if isinstance(item, GenerationResponse):
+            texts.setdefault(i, []).append(item.text)
+            last[i] = item
+            continue
+        r, constraint = last.pop(i, None), processors.pop(i)
+        stats = ExtractionStats(mask_ms_per_token=constraint.stats.ms_per_token)
+        if r is not None:
+            stats = ExtractionStats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.ttft_s,
+                                    constraint.stats.ms_per_token, r.peak_memory_mb)
+        error = f"generation failed: {item}" if isinstance(item, BaseException) else None
+        yield i, _Output("".join(texts.pop(i, [])), stats, error=error)
 
 
 def _combined(stats: Sequence[ExtractionStats]) -> ExtractionStats:
@@ -312,137 +312,260 @@ def _chunk_prompts(tokenizer, messages: list[dict], text: str, context_budget: i
 def extract(model, tokenizer, text: str, schema: dict | type, *, instructions: Optional[str] = None,
             examples: Optional[Sequence[tuple[str, Any]]] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
             temperature: float = 0.0, seed: Optional[int] = None,
-            context_budget: int = DEFAULT_CONTEXT_BUDGET) -> Extraction:
+            context_budget: int = DEFAULT_CONTEXT_BUDGET, engine: Optional[Engine] = None,
+            cancel: Optional[threading.Event] = None) -> Extraction:
     """Extract the object `schema` describes (a JSON Schema dict or a Pydantic model class) from `text`.
 
-    Raises SchemaError for an unsupported or invalid schema and ValueError for bad examples, both
+    Raises SchemaError for an unsupported or invalid schema, ValueError for bad examples, TypeError
+    for a text that is not a string and ValueError for one that is empty or not valid Unicode, all
     before generating; a result that fails validation is returned with `valid` False and `error` set.
-    `max_tokens` bounds each chunk's output: the grammar closes the document in time.
+    `max_tokens` bounds each chunk's output: the grammar closes the document in time. `engine`: run
+    the chunks as rows of a shared engine; `cancel`: an event that stops them (raises `Cancelled`).
     """
-    schema, messages = _prepare(schema, instructions, examples, max_tokens)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a string, not {type(text).__name__}")
-    outputs = [_generate_one(model, tokenizer, prompt, schema, max_tokens=max_tokens, temperature=temperature,
-                             seed=seed) for prompt in _chunk_prompts(tokenizer, messages, text, context_budget)]
-    return _assemble(text, schema, outputs)
+    problem = _text_problem(text)
+    if problem:
+        _prepare(schema, instructions, examples, max_tokens)  # a bad schema is named first
+        raise ValueError(problem) if isinstance(text, str) else TypeError(problem)
+    return extract_many(model, tokenizer, [text], schema, instructions=instructions, examples=examples,
+                        max_tokens=max_tokens, temperature=temperature, seed=seed, context_budget=context_budget,
+                        engine=engine, cancel=cancel, progress=False)[0]
 
 
 def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
                  instructions: Optional[str] = None, examples: Optional[Sequence[tuple[str, Any]]] = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, seed: Optional[int] = None,
-                 context_budget: int = DEFAULT_CONTEXT_BUDGET, batch_size: int = 8,
-                 progress: bool = True) -> list[Extraction]:
-    """`extract` for many texts through batched generation, in the order given, with a progress bar.
+                 context_budget: int = DEFAULT_CONTEXT_BUDGET, batch_size: int = 8, progress: bool = True,
+                 engine: Optional[Engine] = None, cancel: Optional[threading.Event] = None,
+                 on_result: Optional[Callable[[int, Extraction], None]] = None) -> list[Extraction]:
+    """`extract` for many texts at once, results in the order given, with a progress bar.
 
-    The chunks of all texts are batched together, shortest prompts first (less padding). A text
-    that is not a string gives a failed Extraction; a batch that fails is retried row by row, so one
-    bad row cannot sink the others.
+    Every chunk of every text is a row of the continuous-batching engine (`batch_size` rows at once
+    on an engine of its own, or `engine`'s): a row that finishes makes room for the next, and one
+    that fails fails alone. A text that `extract` would refuse (not a string, empty, not valid
+    Unicode) gives a failed Extraction and the others go on. `on_result(i, extraction)` is called as
+    text i finishes; when `cancel` is set, the rows stop within a step and `Cancelled` is raised
+    (what `on_result` received is all that finished).
     """
     schema, messages = _prepare(schema, instructions, examples, max_tokens)
-    rows: list[tuple[int, list[int]]] = []  # (index of the text, prompt ids) per chunk
-    for i, text in enumerate(texts):
-        if isinstance(text, str):
-            rows += [(i, encode_prompt(tokenizer, prompt))
-                     for prompt in _chunk_prompts(tokenizer, messages, text, context_budget)]
-    outputs: list[Optional[_Output]] = [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
-    pending = Counter(i for i, _ in rows)
-    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
-    step = max(batch_size, 1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
+    engine = engine or Engine(model, tokenizer, max_batch=batch_size, prefix_cache_bytes=PREFIX_CACHE_BYTES)
+    results: list[Optional[Extraction]] = [None if _text_problem(t) is None else Extraction.failed(_text_problem(t))
+                                           for t in texts]
+    chunks: list[int] = []  # the text each chunk prompt belongs to
+    outputs: dict[int, dict[int, _Output]] = {}  # text → chunk number → output
+    expected: dict[int, int] = {}
+
+    def prompts() -> Iterator[list[int]]:
+        for i, text in enumerate(texts):
+            if results[i] is None:
+                parts = _chunk_prompts(tokenizer, messages, text, context_budget)
+                expected[i] = len(parts)
+                for part in parts:
+                    chunks.append(i)
+                    yield encode_prompt(tokenizer, part)
+
+    requests = _requests(model, tokenizer, prompts(), schema, max_tokens=max_tokens, temperature=temperature,
+                         seed=seed, cancel=cancel)
     with tqdm(total=len(texts), unit="doc", desc="extract", disable=not progress) as bar:
-        bar.update(len(texts) - len(pending))
-        for b in range(0, len(order), step):
-            batch = order[b : b + step]
-            prompts = [rows[r][1] for r in batch]
-            try:
-                done = _generate_batch(model, tokenizer, prompts, schema, **options,
-                                       on_token=lambda n: bar.set_postfix_str(f"token {n + 1}", refresh=False))
-            except Exception:
-                done = [_generate_safely(model, tokenizer, p, schema, **options) for p in prompts]
-            for r, output in zip(batch, done):
-                outputs[r] = output
-                pending[rows[r][0]] -= 1
-                bar.update(pending[rows[r][0]] == 0)
-    by_text: dict[int, list[_Output]] = {}
-    for (i, _), output in zip(rows, outputs):
-        by_text.setdefault(i, []).append(output)
-    return [_assemble(text, schema, by_text[i]) if i in by_text
-            else Extraction.failed(f"text must be a string, not {type(text).__name__}")
-            for i, text in enumerate(texts)]
+        for i, result in enumerate(results):
+            if result is not None:
+                bar.update(1)
+                if on_result:
+                    on_result(i, result)
+        for row, output in _outputs(engine, requests):
+            if cancel is not None and cancel.is_set():
+                break
+            i = chunks[row]
+            outputs.setdefault(i, {})[row] = output
+            if len(outputs[i]) == expected[i]:
+                done = outputs.pop(i)
+                results[i] = _assemble(texts[i], schema, [done[r] for r in sorted(done)])
+                bar.update(1)
+                if on_result:
+                    on_result(i, results[i])
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the extraction was stopped")
+    return results
 
 
-def _generate_safely(model, tokenizer, prompt: list[int], schema: dict, **options) -> _Output:
-    """One row alone, its failure recorded rather than raised: the run goes on."""
+def _text_problem(text: Any) -> Optional[str]:
+    """Why `text` cannot be extracted from, or None. An empty text would get invented data that
+    validates; a lone surrogate (legal in JSON and in Python strings) makes the tokenizer raise."""
+    if not isinstance(text, str):
+        return f"text must be a string, not {type(text).__name__}"
+    if not text.strip():
+        return "the text is empty: there is nothing to extract"
+    at = _lone_surrogate(text)
+    if at is not None:
+        return f"the text is not valid Unicode: a lone surrogate {text[at]!r} at character {at}"
+    return None
+
+
+def _lone_surrogate(text: str) -> Optional[int]:
+    """Where `text` holds a character UTF-8 cannot encode (a lone surrogate), or None."""
     try:
-        return _generate_one(model, tokenizer, prompt, schema, **options)
-    except Exception as e:
-        return _Output("", ExtractionStats(prompt_tokens=len(prompt)), error=f"generation failed: {e}")
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 # --- command line -----------------------------------------------------------------------------------
 
-def load_schema(spec: str) -> dict:
-    """A schema file, or the name of a ready schema in assets/schemas ("invoice")."""
+def _schema_path(spec: str) -> Path:
+    """The schema file `spec` names: a path, or a ready schema's name in assets/schemas ("invoice")."""
     path = Path(spec)
     if not path.is_file() and (SCHEMAS_DIR / f"{spec}.json").is_file():
         path = SCHEMAS_DIR / f"{spec}.json"
     if not path.is_file():
         raise FileNotFoundError(f"schema file not found: {spec}")
+    return path
+
+
+def load_schema(spec: str) -> dict:
+    """A schema file, or the name of a ready schema in assets/schemas ("invoice")."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        schema = json.loads(_schema_path(spec).read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"schema file {spec} is not valid JSON: {e}") from None
+    if _lone_surrogate(json.dumps(schema, ensure_ascii=False)) is not None:
+        raise ValueError(f"schema file {spec} holds a lone surrogate escape (such as \\ud800): not valid Unicode")
+    return schema
 
 
 Record = tuple[Any, Optional[str], Optional[str]]  # (id, text, error)
 
 
-def read_records(path: Path) -> list[Record]:
-    """JSONL of {"id", "text"} objects or bare strings (id: the line number), or a directory's
-    .txt/.md files (id: the relative path). A bad line or file becomes a record with an error."""
+def _input_files(path: Path) -> list[Path]:
+    """The files `read_records` reads: the JSONL file, or a directory's .txt/.md files."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".md"))
         if not files:
             raise ValueError(f"no .txt or .md files in {path}")
-        return [_read_file(p, p.relative_to(path).as_posix()) for p in files]
+        return files
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {path}")
-    records = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                records.append(_parse_record(line, n))
+    return [path]
+
+
+def read_records(path: Path) -> list[Record]:
+    """JSONL of {"id", "text"} objects or bare strings (id: the line number), or a directory's
+    .txt/.md files (id: the relative path). A bad line or file (not UTF-8, not JSON, a repeated id)
+    becomes a record with an error."""
+    files = _input_files(path)
+    if path.is_dir():
+        return [_read_file(p, p.relative_to(path).as_posix()) for p in files]
+    records, first_line, offset = [], {}, 0
+    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if line.strip():
+            record = _parse_record(line, n, offset)
+            first = first_line.setdefault(record[0], n)
+            if first != n and record[2] is None:  # --resume finds results by id: ids must be unique
+                record = (record[0], None, f"line {n}: id {json.dumps(record[0], ensure_ascii=False)} "
+                                           f"is already used on line {first}: give each record its own id")
+            records.append(record)
+        offset += len(line) + 1
     if not records:
         raise ValueError(f"no records in {path}")
     return records
 
 
+def _decode(data: bytes) -> str:
+    """Strict UTF-8 (an editor's byte-order mark dropped): a replaced byte would be extracted as if valid."""
+    return data.decode("utf-8").removeprefix("\ufeff")
+
+
 def _read_file(path: Path, record_id: str) -> Record:
     try:
-        return record_id, path.read_text(encoding="utf-8"), None
-    except (OSError, UnicodeDecodeError) as e:
+        return record_id, _decode(path.read_bytes()), None
+    except UnicodeDecodeError as e:
+        return record_id, None, (f"{record_id}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                 f"{e.start}): save the file as UTF-8")
+    except OSError as e:
         return record_id, None, f"cannot read {record_id}: {e}"
 
 
-def _parse_record(line: str, n: int) -> Record:
+def _parse_record(line: bytes, n: int, offset: int) -> Record:
+    """Line `n` of the JSONL, which starts `offset` bytes into the file."""
     try:
-        record = json.loads(line.strip())
+        text = _decode(line)
+    except UnicodeDecodeError as e:
+        return n, None, (f"line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at offset {offset + e.start} "
+                         "of the file): save the file as UTF-8")
+    try:
+        record = json.loads(text.strip())
     except json.JSONDecodeError as e:
         return n, None, f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
     if isinstance(record, str):
         return n, record, None
-    if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return record.get("id", n), record["text"], None
-    return (record.get("id", n) if isinstance(record, dict) else n), None, \
-        f'line {n}: expected a string or an object with a string "text"'
+    if not isinstance(record, dict):
+        return n, None, f'line {n}: expected a string or an object with a string "text"'
+    record_id = record.get("id", n)
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)) \
+            or isinstance(record_id, str) and _lone_surrogate(record_id) is not None:
+        return n, None, f'line {n}: "id" must be a string or an integer, not {json.dumps(record_id)}'
+    if not isinstance(record.get("text"), str):
+        return record_id, None, f'line {n}: expected a string or an object with a string "text"'
+    return record_id, record["text"], None
+
+
+def _check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output that would overwrite a file read (the same file by device and inode, so
+    also through a symlink or a hard link) or the other output, before any work is done."""
+    read = {(st.st_dev, st.st_ino): what for what, st in ((what, p.stat()) for what, p in inputs)}
+    for i, (flag, out) in enumerate(outputs):
+        if out.is_dir():
+            raise IsADirectoryError(f"{flag} {out} is a directory: give a file name")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"output directory not found: {out.parent}")
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(f"output directory is not writable: {out.parent}")
+        key = (out.stat().st_dev, out.stat().st_ino) if out.exists() else None
+        if key in read:
+            raise ValueError(f"{flag} {out} is {read[key]}: the results would overwrite it; "
+                             f"choose another {flag} file")
+        for other_flag, other in outputs[:i]:
+            if out.resolve() == other.resolve() or out.exists() and other.exists() and os.path.samefile(out, other):
+                raise ValueError(f"{flag} and {other_flag} are the same file ({out}): give them different names")
+
+
+def _previous_rows(path: Path, records: list[Record]) -> dict[Any, dict]:
+    """For --resume: an earlier run's rows by id, those that went through extraction (valid or
+    not). A record that failed before extraction (a bad line) is read again: it may be fixed now."""
+    if not path.exists():
+        return {}
+    rows: dict[Any, dict] = {}
+    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and isinstance(row.get("valid"), bool)
+                and isinstance(row.get("chunks"), int)):
+            raise ValueError(f"cannot resume: line {n} of {path} is not a result of this tool; "
+                             "run without --resume to start over, or choose another --output")
+        if row["chunks"] > 0:
+            rows.setdefault(row["id"], row)
+    unknown = set(rows) - {record_id for record_id, _, _ in records}
+    if unknown:  # rewriting the output would drop them
+        raise ValueError(f"cannot resume: {path} holds results for ids that are not in the input "
+                         f"(e.g. {json.dumps(min(unknown, key=str), ensure_ascii=False)}); run without "
+                         "--resume to start over, or choose another --output")
+    return rows
 
 
 def write_atomic(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Write through a temporary file in the same directory: readers never see half a file."""
+    """Write through a temporary file in the same directory, synced before it replaces `path`:
+    readers (and a run resumed after a crash) never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -454,15 +577,64 @@ def _csv_cell(value: Any) -> str:
     return "" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _write_csv(f: TextIO, schema: dict, results: list[tuple[Any, Extraction]]) -> None:
+def _write_csv(f: TextIO, schema: dict, rows: list[dict]) -> None:
     """One row per record: id, valid, error, then one column per top-level property (nested values as JSON)."""
     fields = list(schema.get("properties", {}))
     writer = csv.writer(f)
     writer.writerow(["id", "valid", "error", *(fields or ["data"])])
-    for record_id, r in results:
-        data = r.data if isinstance(r.data, dict) else {}
-        cells = [data.get(k) for k in fields] if fields else [r.data]
-        writer.writerow([record_id, str(r.valid).lower(), r.error or "", *map(_csv_cell, cells)])
+    for row in rows:
+        data = row.get("data")
+        cells = [(data if isinstance(data, dict) else {}).get(k) for k in fields] if fields else [data]
+        writer.writerow([row["id"], str(row["valid"]).lower(), row.get("error") or "", *map(_csv_cell, cells)])
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is; a BaseException, so no `except Exception` retries past it."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into `_Terminated` (in the main thread, the only one that gets signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _positive(value: str) -> int:
+    """An argparse type, so that a bad count is refused before the model loads."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
+    return n
+
+
+def _temperature(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        t = -1.0
+    if not 0 <= t <= MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_TEMPERATURE:g}, not {value!r}")
+    return t
+
+
+def _exit_code(stopped: BaseException) -> int:
+    """The shell's convention: 128 + the signal's number when one stopped the run."""
+    if isinstance(stopped, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return 128 + signal.SIGTERM if isinstance(stopped, _Terminated) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -475,48 +647,98 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--input", required=True, help='JSONL of {"id", "text"} or strings, or a directory of .txt/.md')
     parser.add_argument("--output", required=True, help="JSONL: one result per record, in input order")
     parser.add_argument("--csv", help="also a CSV table: id, valid, error and one column per top-level field")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results --output already holds (by id) and extract only the other records")
     parser.add_argument("--model", help=f"local directory or hub id (default {DEFAULT_MODEL})")
     parser.add_argument("--demo", action="store_true", help="run the random-weight demo model")
     parser.add_argument("--instructions", help="extra guidance appended to the system prompt")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-tokens", type=_positive, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--temperature", type=_temperature, default=0.0)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--context-budget", type=int, default=DEFAULT_CONTEXT_BUDGET, help="document tokens per chunk")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context-budget", type=_positive, default=DEFAULT_CONTEXT_BUDGET,
+                        help="document tokens per chunk")
+    parser.add_argument("--batch-size", type=_positive, default=8,
+                        help="document chunks decoded together (default 8)")
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr)
 
     try:  # everything that can fail on the user's input, before any output exists
+        if args.instructions and _lone_surrogate(args.instructions) is not None:
+            raise ValueError("--instructions is not valid Unicode (undecodable bytes in the command line)")
+        source = Path(args.input)
+        inputs = [("the --schema file", _schema_path(args.schema))]
+        inputs += [(f"{p.relative_to(source)} in the --input directory" if source.is_dir() else "the --input file", p)
+                   for p in _input_files(source)]
+        outputs = [(flag, Path(p)) for flag, p in (("--output", args.output), ("--csv", args.csv)) if p]
+        _check_outputs(outputs, inputs)
         schema = check_schema(load_schema(args.schema))
-        records = read_records(Path(args.input))
-        outputs = [Path(p) for p in (args.output, args.csv) if p]
-        for out in outputs:
-            if not out.parent.is_dir():
-                raise FileNotFoundError(f"output directory not found: {out.parent}")
+        records = read_records(source)
+        previous = _previous_rows(outputs[0][1], records) if args.resume else {}
         model, tokenizer = load(resolve_model(args.model, demo=args.demo, log=log).path)
+    except KeyboardInterrupt as e:
+        log("interrupted before any extraction: nothing written")
+        return _exit_code(e)
     except Exception as e:  # a one-line message, not a traceback
         log(f"error: {e}")
         return 1
 
-    good = [(record_id, text) for record_id, text, error in records if error is None]
-    extracted = iter(extract_many(model, tokenizer, [text for _, text in good], schema,
-                                  instructions=args.instructions, max_tokens=args.max_tokens,
-                                  temperature=args.temperature, seed=args.seed,
-                                  context_budget=args.context_budget, batch_size=args.batch_size))
-    results = [(record_id, Extraction.failed(error) if error else next(extracted))
-               for record_id, _, error in records]
+    rows: dict[int, dict] = {}  # finished rows by record index
+    todo = []
+    for i, (record_id, text, error) in enumerate(records):
+        if error:
+            rows[i] = {"id": record_id, **Extraction.failed(error).to_dict()}
+        elif record_id in previous:
+            rows[i] = previous[record_id]
+        else:
+            todo.append(i)
+    if previous:
+        log(f"resuming: {len(previous)} records kept from {args.output}, {len(todo)} to extract")
 
-    write_atomic(outputs[0], lambda f: f.writelines(
-        json.dumps({"id": record_id, **r.to_dict()}, ensure_ascii=False) + "\n" for record_id, r in results))
-    if args.csv:
-        write_atomic(outputs[1], lambda f: _write_csv(f, schema, results))
-    valid = sum(r.valid for _, r in results)
-    log(f"{len(results)} records: {valid} valid, {len(results) - valid} with errors → {args.output}")
-    for record_id, r in results:
-        if r.error:
-            log(f"  {record_id}: {r.error}")
+    def save() -> list[dict]:
+        done = [rows[i] for i in sorted(rows)]
+        write_atomic(outputs[0][1], lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+        if args.csv:
+            write_atomic(outputs[1][1], lambda f: _write_csv(f, schema, done))
+        return done
+
+    options = dict(instructions=args.instructions, max_tokens=args.max_tokens, temperature=args.temperature,
+                   seed=args.seed, context_budget=args.context_budget, batch_size=args.batch_size)
+    stopped, extracted = None, 0
+    last_save = time.monotonic()
+
+    def keep(j: int, result: Extraction) -> None:
+        nonlocal extracted, last_save
+        rows[todo[j]] = {"id": records[todo[j]][0], **result.to_dict()}
+        extracted += 1
+        if time.monotonic() - last_save > SAVE_EVERY_S:  # a killed run loses at most this much
+            save()
+            last_save = time.monotonic()
+
+    try:  # what finishes is kept, so that a stopped run can be resumed
+        with _sigterm_raises():
+            extract_many(model, tokenizer, [records[i][1] for i in todo], schema, on_result=keep, **options)
+    except (KeyboardInterrupt, _Terminated, Exception) as e:
+        stopped = e
+    what = f"error: {stopped}" if isinstance(stopped, Exception) else "interrupted"
+    if stopped is not None and not extracted:  # an earlier run's output stays as it was
+        log(f"{what}: no record finished; nothing written")
+        return _exit_code(stopped)
+    try:
+        done = save()
+    except OSError as e:
+        log(f"error: cannot write the results: {e}")
+        return 1
+    if stopped is not None:
+        log(f"{what}: {len(done)} of {len(records)} records written to {args.output}; to extract the other "
+            f"{len(records) - len(done)}, run the same command again with --resume")
+        return _exit_code(stopped)
+    valid = sum(r["valid"] for r in done)
+    log(f"{len(done)} records: {valid} valid, {len(done) - valid} with errors → {args.output}")
+    for r in done:
+        if r.get("error"):
+            log(f"  {r['id']}: {r['error']}")
     return 0
 
 

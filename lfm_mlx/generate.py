@@ -1,41 +1,31 @@
-"""The token loop: chunked prefill, one-token decode steps, streamed text, stop strings, batches.
+"""Generation for callers: prompts in any form, streamed responses, batches, speculative lookup.
 
-Prefill and the decode step are two small functions (gpt-fast's split); ``decode_tokens`` runs the
-steps and ``stream_generate`` turns their tokens into text. The next step is queued
-(``mx.async_eval``) before the current token is detokenized, so the device never waits on Python.
-Speculative decoding by prompt lookup is one more token loop beside it (``prompt_lookup_tokens``).
+Every token loop runs in ``lfm_mlx.engine`` (continuous batching). ``stream_generate`` submits one
+request to it, ``batch_generate`` many; with ``engine=`` they join an engine that other callers share.
+Prefill and the one-token decode step stay two small functions for the benchmark and for speculative
+decoding by prompt lookup, which is one more function beside them (``prompt_lookup_tokens``), not a
+mode threaded through the engine.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import ConvCache, KVCache, PromptCache, make_cache
-from .sample import SamplingSettings, build_processors, build_sampler
+from .cache import ConvCache, KVCache, PromptCache, cache_arrays
+from .engine import Engine, GenerationResponse, ReplyText, Request, StopMatcher
+from .sample import SamplingSettings
 from .tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
-
-@dataclass
-class GenerationResponse:
-    text: str  # new text since the previous response (never a split UTF-8 character)
-    token: int
-    finish_reason: Optional[str]  # None while running, then "stop" or "length"
-    prompt_tokens: int
-    cached_tokens: int  # prompt tokens taken from a reused cache, as in OpenAI's usage
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    ttft_s: float
-    peak_memory_mb: float
-    in_tool_call: bool = False  # this text lies inside a <|tool_call_start|>…<|tool_call_end|> span
-    tool_calls: Optional[list] = None  # on the last response, when the reply made tool calls
+__all__ = ["GenerationResponse", "Prompt", "StopMatcher", "batch_generate", "encode_prompt", "generate",
+           "message_starts", "prefill", "prompt_lookup_tokens", "sampling_settings", "stream_generate"]
 
 
 def encode_prompt(tokenizer, prompt: Prompt, tools: Optional[list] = None) -> list[int]:
@@ -51,15 +41,18 @@ def encode_prompt(tokenizer, prompt: Prompt, tools: Optional[list] = None) -> li
     return ids
 
 
-def cache_arrays(layers: list) -> list:
-    """The arrays that hold the state, to evaluate after each prefill chunk."""
-    out = []
-    for c in layers:
-        if isinstance(c, KVCache):
-            out.extend(c.keys + c.values if c.keys is not None else ())
-        elif c.state is not None:
-            out.append(c.state)
-    return out
+def message_starts(tokenizer, ids: Sequence[int]) -> list[int]:
+    """Positions where a chat message begins (its ``<|im_start|>``): where a later conversation that
+    shares the earlier messages departs from this one, so where prefix-cache snapshots pay off."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    if not isinstance(start, int) or start == getattr(tokenizer, "unk_token_id", None):
+        return []
+    return [i for i, t in enumerate(ids) if t == start and i > 0]
+
+
+def sampling_settings(model, **overrides) -> SamplingSettings:
+    """The checkpoint's sampling defaults with the caller's overrides (None keeps a default)."""
+    return getattr(model, "sampling_defaults", SamplingSettings()).updated(**overrides)
 
 
 def prefill_chunk_size(layers: list, requested: int) -> int:
@@ -87,47 +80,10 @@ def prefill(model, cache: PromptCache, tokens: Sequence[int], step: int = 512,
             cache.take_snapshot()
 
 
-class StopMatcher:
-    """Stop strings matched across token boundaries: text that could still begin a stop string is
-    held back, so a stop string is never shown, even in part."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to show, whether a stop string was hit)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-def _sample(logits: mx.array, history: mx.array, processors: list, sampler: Callable,
-            greedy: bool = False) -> mx.array:
-    if processors:
-        mx.async_eval(logits)  # the forward pass runs while the processors (e.g. a grammar mask) work
-        for p in processors:
-            logits = p(history, logits)
-    if greedy:  # argmax needs no normalisation: skips a 65k-wide exp per token
-        return mx.argmax(logits, axis=-1)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs)
-
-
 def decode_tokens(step: Callable[[mx.array], mx.array], token: int, cache: PromptCache,
                   max_tokens: int) -> Iterator[int]:
-    """Plain decoding: ``step`` feeds one token and returns the next, already queued (async_eval).
-    Each step is queued before the previous token is read back, so the device never waits on Python;
+    """Plain one-sequence decoding, for the benchmark's decode measurements: ``step`` feeds one token
+    and returns the next, already queued (async_eval), so the device never waits on Python;
     ``cache.tokens`` always lists exactly the tokens the cache holds."""
     y = step(mx.array([token]))
     cache.tokens.append(token)
@@ -238,6 +194,7 @@ def stream_generate(
     seed: Optional[int] = None,
     stop: Sequence[str] = (),
     logits_processors: Optional[list] = None,
+    logprobs: Optional[int] = None,
     tools: Optional[list] = None,
     prompt_cache: Optional[PromptCache] = None,
     max_kv_size: Optional[int] = None,
@@ -247,98 +204,87 @@ def stream_generate(
     checkpoints: Sequence[int] = (),
     speculative: Union[bool, str, None] = None,
     draft_tokens: int = 3,
+    engine: Optional[Engine] = None,
+    cancel: Optional[threading.Event] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield one ``GenerationResponse`` per generated token. Sampling settings default to the
     checkpoint's generation_config.json (see ``lfm_mlx.sample``). Pass a ``PromptCache`` to reuse
     state across calls: only the part of ``prompt`` that differs from what it holds is prefilled.
+    ``engine``: run as one row of a shared (e.g. threaded) engine instead of one of its own;
+    ``cancel``: an event that, once set (from any thread), ends the generation within a step.
+    ``logprobs=k``: each response carries its token's log-probability and the k likeliest.
     ``speculative="prompt_lookup"`` (or True) drafts up to ``draft_tokens`` tokens at a time from the
     prompt (see ``prompt_lookup_tokens``): the same output as greedy decoding, faster when the reply
     copies from the prompt (extraction, editing); it needs temperature=0 and no logits processors."""
     tokens = encode_prompt(tokenizer, prompt, tools)
-    settings = getattr(model, "sampling_defaults", SamplingSettings()).updated(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size,
-    )
-    sampler, processors = build_sampler(settings), build_processors(settings, logits_processors)
-    greedy = settings.temperature == 0
+    settings = sampling_settings(
+        model, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size)
     if speculative not in (None, False, True, "prompt_lookup"):
         raise ValueError(f"speculative must be 'prompt_lookup' (or True), not {speculative!r}")
-    if speculative and (not greedy or processors):
-        raise ValueError(
-            "speculative decoding reproduces greedy decoding only: pass temperature=0 and "
-            "repetition_penalty=1.0, and no logits_processors"
-        )
-    cache = prompt_cache or PromptCache(model, max_kv_size=max_kv_size, keep=keep, kv_bits=kv_bits)
-    if seed is not None:
-        mx.random.seed(seed)
-    mx.reset_peak_memory()
-    eos = set(tokenizer.eos_token_ids)
+    if speculative:
+        if not settings.greedy or settings.repetition_penalty != 1.0 or logits_processors:
+            raise ValueError(
+                "speculative decoding reproduces greedy decoding only: pass temperature=0 and "
+                "repetition_penalty=1.0, and no logits_processors"
+            )
+        cache = prompt_cache or PromptCache(model, max_kv_size=max_kv_size, keep=keep, kv_bits=kv_bits)
+        stream = _speculative(model, tokenizer, tokens, cache, max_tokens, stop, draft_tokens,
+                              prefill_step_size, checkpoints)
+    else:
+        request = Request(tokens, max_tokens=max_tokens, sampling=settings, seed=seed, stop=stop,
+                          logits_processors=logits_processors or (), logprobs=logprobs,
+                          prompt_cache=prompt_cache, checkpoints=checkpoints, max_kv_size=max_kv_size,
+                          kv_bits=kv_bits, keep=keep, cancel=cancel)
+        if engine is None:
+            engine = Engine(model, tokenizer, max_batch=1, prefill_step_size=prefill_step_size)
+            mx.reset_peak_memory()
+        stream = iter(engine.submit(request))
+    with closing(stream):
+        yield from with_tool_calls(stream)
 
+
+def with_tool_calls(responses: Iterator[GenerationResponse]) -> Iterator[GenerationResponse]:
+    """Mark text inside tool-call spans, and parse the calls onto the last response."""
+    open_call, seen_call, reply = False, False, []
+    for r in responses:
+        if r.text:
+            in_call = open_call or TOOL_CALL_START in r.text or TOOL_CALL_END in r.text
+            reply.append(r.text)
+            start, end = r.text.rfind(TOOL_CALL_START), r.text.rfind(TOOL_CALL_END)
+            open_call = start > end if start >= 0 or end >= 0 else open_call
+            seen_call = seen_call or start >= 0
+            r = replace(r, in_tool_call=in_call)
+        if r.finish_reason and seen_call:
+            r = replace(r, tool_calls=parse_tool_calls("".join(reply)) or None)
+        yield r
+
+
+def _speculative(model, tokenizer, tokens: list[int], cache: PromptCache, max_tokens: int,
+                 stop: Sequence[str], draft_tokens: int, prefill_step_size: int,
+                 checkpoints: Sequence[int]) -> Iterator[GenerationResponse]:
+    """Greedy decoding by prompt lookup, as responses."""
+    mx.reset_peak_memory()
     start = time.perf_counter()
     cached = cache.reuse(tokens)
     prefill(model, cache, tokens[cached:-1], prefill_step_size, checkpoints)
     cache.take_snapshot()  # just before the last prompt token: what regenerate() comes back to
-    history = mx.array(tokens[:-1])  # every token fed so far, for repetition penalty and grammars
-
-    def step(token: mx.array) -> mx.array:
-        nonlocal history
-        logits = model(token[None], cache=cache.layers)[:, -1, :]
-        if processors:
-            history = mx.concatenate([history, token])
-        y = _sample(logits, history, processors, sampler, greedy)
-        mx.async_eval(y, history)  # evaluating history too keeps it one array, not a growing graph
-        return y
-
-    if speculative:
-        stream = prompt_lookup_tokens(model, cache, tokens[-1], max_tokens, draft_tokens)
-    else:
-        stream = decode_tokens(step, tokens[-1], cache, max_tokens)
+    text = ReplyText(tokenizer, stop, set(tokenizer.eos_token_ids), max_tokens)
+    stream = prompt_lookup_tokens(model, cache, tokens[-1], max_tokens, draft_tokens)
     with closing(stream):
-        yield from _responses(stream, tokenizer, tokens, cached, start, stop, eos, max_tokens)
-
-
-def _responses(stream: Iterator[int], tokenizer, tokens: list, cached: int, start: float,
-               stop: Sequence[str], eos: set, max_tokens: int) -> Iterator[GenerationResponse]:
-    """Token ids → streamed text, stop strings, finish reasons, timings and tool-call marks."""
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    stops = StopMatcher(stop)
-    reply, ttft, prompt_tps = "", 0.0, 0.0
-    for n, token in enumerate(stream, 1):
-        if n == 1:
-            ttft = time.perf_counter() - start
-            prompt_tps = (len(tokens) - cached) / max(ttft, 1e-9)
-            gen_start = time.perf_counter()
-
-        finish = None
-        if token in eos:
-            finish, segment = "stop", ""
-        else:
-            detokenizer.add_token(token)
-            segment = detokenizer.last_segment
-        if finish or n == max_tokens:
-            detokenizer.finalize()
-            segment += detokenizer.last_segment
-        text, hit = stops.feed(segment)
-        if hit:
-            finish = "stop"
-        finish = finish or ("length" if n == max_tokens else None)
-        if finish and not hit:
-            text += stops.flush()
-
-        was_open = reply.rfind(TOOL_CALL_START) > reply.rfind(TOOL_CALL_END)
-        reply += text
-        in_tool_call = bool(text) and (was_open or TOOL_CALL_START in text or TOOL_CALL_END in text)
-        elapsed = time.perf_counter() - gen_start
-        yield GenerationResponse(
-            text=text, token=token, finish_reason=finish, prompt_tokens=len(tokens),
-            cached_tokens=cached, prompt_tps=prompt_tps, generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0, ttft_s=ttft,
-            peak_memory_mb=mx.get_peak_memory() / 1e6, in_tool_call=in_tool_call,
-            tool_calls=(parse_tool_calls(reply) or None) if finish and TOOL_CALL_START in reply else None,
-        )
-        if finish:
-            return
+        for token in stream:
+            now = time.perf_counter()
+            if text.count == 0:
+                first = now
+            piece, finish = text.add(token)
+            yield GenerationResponse(
+                text=piece, token=token, finish_reason=finish, prompt_tokens=len(tokens),
+                cached_tokens=cached, prompt_tps=(len(tokens) - cached) / max(first - start, 1e-9),
+                generation_tokens=text.count,
+                generation_tps=(text.count - 1) / (now - first) if now > first else 0.0,
+                ttft_s=first - start, peak_memory_mb=mx.get_peak_memory() / 1e6)
+            if finish:
+                return
 
 
 def generate(model, tokenizer, prompt: Prompt, **kwargs) -> str:
@@ -356,74 +302,25 @@ def batch_generate(
     row_logits_processors: Optional[Sequence[list]] = None,
     prefill_step_size: int = 512,
     seed: Optional[int] = None,
-    on_token: Optional[Callable[[int], None]] = None,
+    max_batch: int = 32,
+    engine: Optional[Engine] = None,
     **sampling,
 ) -> list[str]:
-    """Generate for several prompts at once, left-padded to a common length.
-
-    Pad tokens are masked out of attention and zeroed before the conv (so they never reach its
-    state), and each row's RoPE positions start at 0 as if it ran alone: greedy output equals each
-    prompt generated by itself. ``row_logits_processors[i]`` apply to row i only (e.g. one grammar
-    per document). ``on_token(step)`` is called after each decode step, for progress bars.
-    """
+    """Generate for several prompts at once through the engine: rows join as others leave, each
+    equal to its prompt generated alone (greedy). ``row_logits_processors[i]`` apply to row i only
+    (e.g. one grammar per document); row i samples with seed ``seed + i``."""
     rows = [encode_prompt(tokenizer, p) for p in prompts]
-    if not rows:
-        return []
-    settings = getattr(model, "sampling_defaults", SamplingSettings()).updated(**sampling)
-    sampler, shared = build_sampler(settings), build_processors(settings)
-    row_processors = [shared + list(p) for p in (row_logits_processors or [[] for _ in rows])]
-    if seed is not None:
-        mx.random.seed(seed)
-
-    width = max(len(r) for r in rows)
-    padding = [width - len(r) for r in rows]
-    pad_id = tokenizer.pad_token_id or 0
-    padded = mx.array([[pad_id] * p + r for p, r in zip(padding, rows)])
-    layers = make_cache(model, max_kv_size=0, left_padding=padding)
-    for i in range(0, width - 1, prefill_step_size):
-        model.model(padded[:, i : min(i + prefill_step_size, width - 1)], cache=layers)
-        mx.eval(cache_arrays(layers))
-
-    eos = set(tokenizer.eos_token_ids)
-    histories = [list(r) for r in rows]
-    generated: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    y = padded[:, -1:]
-    for n in range(max_tokens):
-        logits = model(y, cache=layers)[:, -1, :]
-        if any(row_processors):
-            mx.async_eval(logits)
-            logits = mx.concatenate([
-                _apply([] if done[i] else procs, mx.array(h), logits[i : i + 1])
-                for i, (procs, h) in enumerate(zip(row_processors, histories))
-            ])
-        tokens = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        values = tokens.tolist()
-        for i, t in enumerate(values):
-            histories[i].append(t)
-            if not done[i]:
-                if t in eos:
-                    done[i] = True
-                else:
-                    generated[i].append(t)
-                    if stop and any(s in tokenizer.decode(generated[i][-32:]) for s in stop):
-                        done[i] = True
-        if on_token:
-            on_token(n)
-        if all(done):
-            break
-        y = tokens[:, None]
-
-    texts = [tokenizer.decode(g) for g in generated]
-    return [_cut_at_stop(t, stop) for t in texts]
-
-
-def _apply(processors: list, history: mx.array, logits: mx.array) -> mx.array:
-    for p in processors:
-        logits = p(history, logits)
-    return logits
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[: min(cuts)] if cuts else text
+    settings = sampling_settings(model, **sampling)
+    processors = row_logits_processors or [() for _ in rows]
+    if len(processors) != len(rows):
+        raise ValueError(f"row_logits_processors has {len(processors)} entries for {len(rows)} prompts")
+    engine = engine or Engine(model, tokenizer, max_batch=max_batch, prefill_step_size=prefill_step_size)
+    requests = (Request(r, max_tokens=max_tokens, sampling=settings, stop=stop, logits_processors=p,
+                        seed=None if seed is None else seed + i) for i, (r, p) in enumerate(zip(rows, processors)))
+    texts: list[list[str]] = [[] for _ in rows]
+    for i, item in engine.stream_many(requests):
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            texts[i].append(item.text)
+    return ["".join(t) for t in texts]

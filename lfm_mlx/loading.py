@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelArgs, load_config
 from .model import Model
@@ -15,6 +22,10 @@ from .sample import read_generation_config
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+# The converter's hidden folders beside its destination DST: ``.DST.tmp-PID-XXXXXXXX`` (the new copy,
+# renamed into place once complete) and ``.DST.old-PID-XXXXXXXX`` (the copy a --force overwrite moves aside
+# just before). The PID tells a killed writer's leftovers from a running conversion's.
+_WRITE_FOLDER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<token>(?P<pid>[1-9][0-9]{0,8})-[0-9a-f]{8})")
 
 
 class CheckpointError(ValueError):
@@ -37,10 +48,64 @@ def resolve_dtype(dtype: Union[str, mx.Dtype, None]) -> mx.Dtype:
     return DTYPES[name]
 
 
+def write_token() -> str:
+    """One conversion's tag for its hidden folders: its PID and a random suffix."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_folder(dst: Path, kind: str, token: str) -> Path:
+    """``.DST.tmp-TOKEN`` (kind ``tmp``) or ``.DST.old-TOKEN`` (kind ``old``), beside ``dst``."""
+    return dst.with_name(f".{dst.name}.{kind}-{token}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and is another user's
+        pass
+    return True
+
+
+def recover_interrupted_write(dst: Path) -> None:
+    """Repair what a killed conversion left beside ``dst``. A ``--force`` overwrite stopped between its two
+    renames (``dst`` missing, the old copy in ``.DST.old-*``) is completed with the new copy, or rolled
+    back to the old one if the new is gone; other folders of dead writers are removed. Folders of a live
+    conversion are left alone. Each repair is reported in one warning line."""
+    if not dst.parent.is_dir():
+        return
+    dead = {}
+    for path in dst.parent.iterdir():
+        m = _WRITE_FOLDER.fullmatch(path.name)
+        if m and m["name"] == dst.name and not _alive(int(m["pid"])):
+            dead[m["kind"], m["token"]] = path
+    interrupted = next((token for kind, token in sorted(dead) if kind == "old"), None)
+    if interrupted is not None and not dst.exists():
+        # The old copy is moved aside only once the new one is complete, so a new copy here is whole.
+        new = dead.pop(("tmp", interrupted), None)
+        if new is not None:
+            new.rename(dst)
+            warnings.warn(f"{dst} was missing after an interrupted --force overwrite: moved the new, complete "
+                          f"copy into place from {new.name}", stacklevel=3)
+        else:
+            old = dead.pop(("old", interrupted))
+            old.rename(dst)
+            warnings.warn(f"{dst} was missing after an interrupted --force overwrite: restored the previous "
+                          f"copy from {old.name}", stacklevel=3)
+    for path in dead.values():
+        shutil.rmtree(path, ignore_errors=True)
+    if dead:
+        warnings.warn(f"removed {len(dead)} temporary folder(s) beside {dst} left by interrupted conversions "
+                      f"({', '.join(sorted(p.name for p in dead.values()))})", stacklevel=3)
+
+
 def get_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str] = None) -> Path:
     """A local directory as is; anything shaped like ``owner/name`` that is not one is fetched from
     the hub (cached by huggingface_hub, with its progress bars)."""
     path = Path(path_or_hub_id).expanduser()
+    if not path.exists():
+        recover_interrupted_write(path)
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is a file: pass the model directory that holds config.json")
@@ -116,8 +181,6 @@ def _config_keys_for(name: str) -> str:
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     """Every parameter present with the shape the config implies, and nothing unexpected."""
-    from mlx.utils import tree_flatten
-
     expected = dict(tree_flatten(model.parameters()))
     for name, param in expected.items():
         if name not in weights:
@@ -134,6 +197,24 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
             f"checkpoint has tensors the config does not describe, e.g. {unexpected[0]} "
             "(check layer_types / full_attn_idxs / conv_bias / tie_word_embeddings)"
         )
+
+
+def nonfinite_tensors(weights: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf. Each tensor is dropped from ``weights`` once
+    checked, so lazily loaded weights are read one at a time and never all in memory."""
+    bad = []
+    for name in list(weights):
+        w = weights.pop(name)
+        # A sum is NaN or inf whenever a value is, and summing is ~6x faster than isfinite().all() on the
+        # CPU; only a sum that overflows (float16) with finite values needs the exact second look.
+        if mx.issubdtype(w.dtype, mx.floating) and not math.isfinite(w.sum().item()):
+            if not mx.isfinite(w).all().item():
+                bad.append(name)
+    return bad
+
+
+def describe_tensors(names: list[str]) -> str:
+    return f"tensor {names[0]}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
 def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict) -> None:
@@ -157,8 +238,11 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
 def load_model(
     path: Union[str, Path], dtype: Union[str, mx.Dtype, None] = None, lazy: bool = False
 ) -> Model:
-    """Build the model from a local directory and load its weights, checked against the config."""
+    """Build the model from a local directory and load its weights, checked against the config. Unless
+    ``lazy``, warns naming any tensor with NaN or inf values (the check costs one pass over the weights)."""
     model_path = Path(path).expanduser()
+    if not model_path.exists():
+        recover_interrupted_write(model_path)
     if not model_path.is_dir():
         raise FileNotFoundError(f"no such model directory: {path}")
     config = load_config(model_path)
@@ -178,6 +262,10 @@ def load_model(
     model.sampling_defaults = read_generation_config(model_path)
     if not lazy:
         mx.eval(model.parameters())
+        bad = nonfinite_tensors(dict(tree_flatten(model.parameters())))
+        if bad:
+            warnings.warn(f"{describe_tensors(bad)} of {model_path} holds NaN or inf values: outputs that use it "
+                          "will be NaN; download or convert the checkpoint again", RuntimeWarning, stacklevel=2)
     model.eval()
     return model
 

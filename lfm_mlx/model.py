@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .cache import Rows
 from .config import ModelArgs
 from .quantized import Embedding, Linear, project
 
@@ -42,26 +43,36 @@ class Attention(nn.Module):
         q = self.q_layernorm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_layernorm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if isinstance(cache, Rows):
+            out = self._attend_rows(q, k, v, cache)
+        else:
+            out = self._attend(q, k, v, mask, cache)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-        position = 0
-        if cache is not None:
-            position = cache.prepare(L)
-            if cache.left_padding is not None:
-                # Each row's real tokens start at position 0, exactly as if it ran alone.
-                position = position - cache.left_padding
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        position = 0 if cache is None else cache.prepare(q.shape[2])
         q = self.rope(q, offset=position)
         k = self.rope(k, offset=position)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-
-        if cache is not None and cache.bits is not None:
-            out = quantized_scaled_dot_product_attention(
+        if cache is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        k, v = cache.update_and_fetch(k, v)
+        if cache.bits is not None:
+            return quantized_scaled_dot_product_attention(
                 q, k, v, scale=self.scale, mask=mask, group_size=cache.group_size, bits=cache.bits
             )
-        else:
-            # GQA is native to the fused kernel: no repeat of K/V heads.
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        # GQA is native to the fused kernel: no repeat of K/V heads.
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+
+    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, rows: Rows) -> mx.array:
+        """Several sequences laid end to end along L ([1, H, L, D]): each attends only to its own
+        cache, at its own positions, with its own window and KV precision."""
+        outs, start = [], 0
+        for cache, n in zip(rows.caches, rows.lengths):
+            part = slice(start, start + n)
+            mask = "causal" if n > 1 else None
+            outs.append(self._attend(q[:, :, part], k[:, :, part], v[:, :, part], mask, cache))
+            start += n
+        return mx.concatenate(outs, axis=2)
 
 
 class DepthwiseCausalConv(nn.Module):
@@ -101,12 +112,16 @@ class ShortConv(nn.Module):
         self.conv = DepthwiseCausalConv(d, args.conv_L_cache, args.conv_bias)
         self.out_proj = Linear(d, d, bias=args.conv_bias)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)
         bx = b * h
-        if mask is not None:
-            # Pad tokens must not leak into the conv state: zero is what an unpadded row starts from.
-            bx = mx.where(mask[..., None], bx, 0)
+        if isinstance(cache, Rows):
+            y = self._conv_rows(bx, cache)
+        else:
+            y = self._conv(bx, cache)
+        return self.out_proj(c * y)
+
+    def _conv(self, bx: mx.array, cache) -> mx.array:
         if cache is None or cache.state is None:
             state = mx.zeros((bx.shape[0], self.kernel_size - 1, bx.shape[2]), bx.dtype)
         else:
@@ -114,10 +129,32 @@ class ShortConv(nn.Module):
         window = mx.concatenate([state, bx], axis=1)
         if cache is not None:
             cache.state = window[:, window.shape[1] - (self.kernel_size - 1) :]
-            cache.offset += x.shape[1]
+            cache.offset += bx.shape[1]
             if cache.keep_window:
                 cache.window = window
-        return self.out_proj(c * self.conv(window))
+        return self.conv(window)
+
+    def _conv_rows(self, bx: mx.array, rows: Rows) -> mx.array:
+        """Several sequences laid end to end along L ([1, L, C]), each from its own state. One-token
+        rows (decode steps) are stacked into one batch of windows: the common case costs a few ops."""
+        outs, start, i = [], 0, 0
+        caches, lengths = rows.caches, rows.lengths
+        while i < len(caches):
+            j = i
+            while j < len(caches) and lengths[j] == 1 and caches[j].state is not None and not caches[j].keep_window:
+                j += 1
+            if j - i > 1:
+                states = mx.concatenate([c.state for c in caches[i:j]])  # [G, K - 1, C]
+                window = mx.concatenate([states, bx[0, start : start + j - i, None]], axis=1)
+                for g, c in enumerate(caches[i:j]):
+                    c.state = window[g : g + 1, 1:]
+                    c.offset += 1
+                outs.append(self.conv(window).reshape(1, j - i, -1))
+                start, i = start + j - i, j
+            else:
+                outs.append(self._conv(bx[:, start : start + lengths[i]], caches[i]))
+                start, i = start + lengths[i], i + 1
+        return mx.concatenate(outs, axis=1)
 
 
 class MLP(nn.Module):
@@ -145,8 +182,10 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
-        op = self.self_attn if self.is_attention else self.conv
-        h = x + op(self.operator_norm(x), mask, cache)
+        if self.is_attention:
+            h = x + self.self_attn(self.operator_norm(x), mask, cache)
+        else:
+            h = x + self.conv(self.operator_norm(x), cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,35 +197,14 @@ class LFM2Model(nn.Module):
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """``cache``: one cache per layer, or per layer the ``Rows`` of several sequences laid end to
+        end in ``inputs`` [1, L] (the engine's ragged batch)."""
         h = self.embed_tokens(inputs)
         cache = cache or [None] * len(self.layers)
-        L = h.shape[1]
-        attn_cache = next((c for c, l in zip(cache, self.layers) if l.is_attention), None)
-        conv_cache = next((c for c, l in zip(cache, self.layers) if not l.is_attention), None)
-        attn_mask, conv_mask = attention_mask(L, attn_cache), padding_mask(L, conv_cache)
+        mask = "causal" if h.shape[1] > 1 and not isinstance(cache[0], Rows) else None
         for layer, c in zip(self.layers, cache):
-            h = layer(h, attn_mask if layer.is_attention else conv_mask, c)
+            h = layer(h, mask, c)
         return self.embedding_norm(h)
-
-
-def attention_mask(n_new: int, cache):
-    """Causal, plus hiding each row's leading pad tokens in a left-padded batch."""
-    if cache is None or cache.left_padding is None:
-        return "causal" if n_new > 1 else None
-    start = cache.offset
-    keys = mx.arange(start + n_new)
-    queries = mx.arange(start, start + n_new)
-    causal = keys[None, :] <= queries[:, None]
-    not_pad = keys[None, :] >= cache.left_padding[:, None]
-    return causal[None, None] & not_pad[:, None, None, :]
-
-
-def padding_mask(n_new: int, cache) -> Optional[mx.array]:
-    """[B, L] True for real tokens, while a left-padded batch still feeds pad positions."""
-    if cache is None or cache.left_padding is None:
-        return None
-    positions = mx.arange(cache.offset, cache.offset + n_new)
-    return positions[None, :] >= cache.left_padding[:, None]
 
 
 class Model(nn.Module):
@@ -201,7 +219,10 @@ class Model(nn.Module):
             self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
-        h = self.model(inputs, cache)
+        return self.logits(self.model(inputs, cache))
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The LM head: hidden states [..., hidden] → logits [..., vocab]."""
         if "lm_head" in self:
             return self.lm_head(h)
         return self.model.embed_tokens.as_linear(h)

@@ -122,3 +122,30 @@ def ban(*token_ids):
         return mx.where(mask, -mx.inf, logits)
 
     return processor
+
+
+@pytest.fixture
+def poisoned_checkpoint(tiny_checkpoint, tmp_path):
+    """A factory: a copy of the tiny checkpoint with one value of one tensor replaced (NaN by default)."""
+    import mlx.core as mx
+
+    def make(tensor: str = "model.layers.1.self_attn.q_proj.weight", value: float = float("nan")) -> Path:
+        path = shutil.copytree(tiny_checkpoint, tmp_path / "poisoned")
+        weights = mx.load(str(path / "model.safetensors"))
+        flat = weights[tensor].flatten()
+        flat[7] = value
+        weights[tensor] = flat.reshape(weights[tensor].shape)
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+        return path
+
+    return make
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has exited and been reaped, as a killed conversion's PID would be."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

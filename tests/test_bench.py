@@ -34,3 +34,21 @@ def test_a_bad_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit) as failure:
         bench.main(["--model", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
     assert "missing" in str(failure.value) and "error" in str(failure.value)
+
+
+def test_serve_benchmark_runs_both_servers_and_prints_every_section(tiny_checkpoint, tmp_path, capsys):
+    from conftest import require_shared
+
+    require_shared()
+    out = tmp_path / "serve.json"
+    report = bench.main(["serve", "--model", str(tiny_checkpoint), "--concurrency", "1,2", "--seconds", "3",
+                         "--engine-batches", "1,2", "--json", str(out)])
+    assert report["single"]["engine"] > 0 and report["single"]["plain"] > 0
+    assert all(row["lfm_mlx"] > 0 and row["mlx_lm"] > 0 for row in report["engine"].values())
+    for mix in ("chat", "extract"):
+        for level in report["servers"][mix].values():
+            assert level["lfm_mlx"]["output_tok_s"] > 0 and level["lfm_mlx"]["errors"] == 0
+            assert set(level) == {"lfm_mlx", "mlx_lm"}
+    printed = capsys.readouterr().out
+    assert "one stream:" in printed and "server vs server, extract mix" in printed
+    assert json.loads(out.read_text())["servers"]["chat"]["2"]["lfm_mlx"]["requests_done"] >= 1

@@ -1,9 +1,11 @@
 """The app in a real browser: Debian's Chromium driven by Playwright, against the demo-model app.
 
 Covers: a chat message streams into the page, and the page is still in step at the end of a 2,000-token
-reply (the lag is measured and printed); Stop halts a reply at once; Undo and Retry; an extraction
-preset gives JSON; a schema editor edit gives highlighted source values and an array table. Saves the
-README's screenshots to assets/screenshots/.
+reply (the lag is measured and printed); Stop halts a reply at once; Undo and Retry; importing a chat with
+20,000 tool calls, and refusals of malformed ones; an extraction preset gives JSON; a schema editor edit
+gives highlighted source values and an array table; Stop ends an extraction and a batch, keeping the
+batch's finished results. Takes the README's screenshots: into assets/screenshots/ with
+LFM_MLX_SCREENSHOTS=1, else into a temporary folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import ROOT, launch_app
+from test_app import _APP, LONG_DOCUMENT, ROOT, launch_app, wait_until_idle
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,6 +40,14 @@ GROUNDED_SCHEMA = {
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (apt-get install chromium)")
 
 LAST_BOT = "() => { const m = document.querySelectorAll('[data-testid=bot]'); return m.length ? m[m.length - 1] : null; }"
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    if os.environ.get("LFM_MLX_SCREENSHOTS") == "1":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +141,7 @@ def test_stop_halts_the_reply_at_once(page):
     assert tokens < 20000
 
 
-def test_undo_and_retry(page):
+def test_undo_and_retry(page, screenshots):
     page.click("#clear")
     send(page, "First question", 30)
     first = wait_for_stats(page)
@@ -148,8 +158,7 @@ def test_undo_and_retry(page):
     assert int(again["text"].split(" prompt tokens cached")[0].split("· ")[-1].split("/")[0]) > 0  # re-used
     send(page, "And in one sentence?", 30)
     wait_for_stats(page, again["at"])
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "chat.png"))
+    page.screenshot(path=str(screenshots / "chat.png"))
 
 
 def upload(page, button: str, *files: Path) -> None:
@@ -164,6 +173,21 @@ def test_export_then_import_a_conversation(page, tmp_path):
     saved = page.request.get(link.get_attribute("href")).json()
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
     assert saved["system"] == "You are a concise assistant."
+
+    calls = "<|tool_call_start|>[" + "f(x=1)," * 20_000 + "]<|tool_call_end|>"  # a 140 KB chat
+    (tmp_path / "calls.json").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Call f often"}, {"role": "assistant", "content": calls}]}))
+    start = time.monotonic()
+    upload(page, "#import", tmp_path / "calls.json")
+    page.wait_for_selector("#chatbot :text('Tool calls (20,000): f')")
+    print(f"\nImporting a chat with 20,000 tool calls: shown after {time.monotonic() - start:.1f} s")
+    for name, bad, message in [("list.json", {**saved, "sampling": [0.7]}, "sampling: must be an object, not a list"),
+                               ("hot.json", {**saved, "sampling": {"temperature": "hot"}},
+                                "sampling.temperature: must be a number")]:
+        (tmp_path / name).write_text(json.dumps(bad))
+        upload(page, "#import", tmp_path / name)
+        page.wait_for_selector(f":text('{message}')")  # a toast; the conversation stays as it was
+    assert page.locator("[data-testid=user]").all_inner_texts() == ["Call f often"]
 
     saved["system"], saved["messages"] = "Imported system.", [
         {"role": "user", "content": "Imported question"}, {"role": "assistant", "content": "Imported answer"}]
@@ -190,7 +214,7 @@ def test_editing_an_earlier_message_rewinds_the_conversation(page):
     assert "20 tokens" in edited["text"]
 
 
-def test_extraction_preset_gives_json_then_highlights_and_a_table(page):
+def test_extraction_preset_gives_json_then_highlights_and_a_table(page, screenshots):
     page.get_by_role("tab", name="Extract").click()
     page.click("#preset input")
     page.get_by_role("option", name="invoice").click()
@@ -213,7 +237,7 @@ def test_extraction_preset_gives_json_then_highlights_and_a_table(page):
     marked = {t.strip() for t in page.locator("#grounded .token.highlighted .text").all_inner_texts()}
     assert {"Kestrel Analytics", "Amsterdam", "full-time", "hybrid"} <= marked
     assert "Python" in page.inner_text("#array-table") or "Airflow" in page.inner_text("#array-table")
-    page.screenshot(path=str(SCREENSHOTS / "extract.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "extract.png"), full_page=True)
 
 
 def test_batch_extraction_and_bad_uploads(page, tmp_path):
@@ -229,3 +253,40 @@ def test_batch_extraction_and_bad_uploads(page, tmp_path):
     page.wait_for_selector("#batch-status :text('2 of 3 files gave valid JSON')")
     table = page.inner_text("#batch-table")
     assert "doc0.txt" in table and "doc1.txt" in table and "looks binary" in table
+
+
+def test_stop_ends_an_extraction(page):
+    page.fill("#source textarea", LONG_DOCUMENT)  # a dozen chunks: minutes of work on the demo model
+    page.click("#extract-run")
+    page.wait_for_selector("#extract-status :text('Extracting')")
+    time.sleep(1.0)
+    page.click("#extract-stop")
+    page.wait_for_selector("#extract-status :text('Stopped.')")
+    assert wait_until_idle(_APP["url"], timeout=5) < 5  # its rows have left the engine
+
+
+def test_stop_ends_a_batch_and_keeps_what_finished(page, tmp_path):
+    names = [f"short{i}.txt" for i in range(3)]
+    for name in names:
+        (tmp_path / name).write_text("Kestrel Analytics is hiring in Lisbon: full-time, hybrid.")
+    (tmp_path / "long.txt").write_text(LONG_DOCUMENT)
+    page.reload(wait_until="domcontentloaded")  # a new session, without the previous test's batch files
+    page.get_by_role("tab", name="Extract").click()
+    page.click("#batch button")
+    page.set_input_files("#batch-files input[type=file]", [str(tmp_path / n) for n in (*names, "long.txt")])
+    page.click("#batch-run")
+    page.wait_for_selector("#batch-status :text('3 of 4 files done')")
+    page.click("#batch-stop")
+    page.wait_for_selector("#batch-status :text('Stopped: 3 of 4 files finished.')")
+    table = page.inner_text("#batch-table")
+    assert all(name in table for name in names) and "long.txt" not in table
+    link = page.wait_for_selector("#batch-downloads a[href*='batch.jsonl']")
+    lines = page.request.get(link.get_attribute("href")).text().splitlines()
+    assert sorted(json.loads(line)["source"] for line in lines) == names
+    assert wait_until_idle(_APP["url"], timeout=5) < 5
+
+
+def test_the_app_log_holds_no_traceback(page):
+    """After every refusal the page tests caused: one line at most in the log, never a traceback."""
+    log = Path(_APP["log"]).read_text()
+    assert "Traceback" not in log, log[-5000:]

@@ -114,10 +114,104 @@ def test_bad_input_is_refused_clearly(tiny, tmp_path):
         chat.regenerate()
     with pytest.raises(ValueError, match="no user message"):
         chat.edit_last("x")
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": 3}]}))
-    with pytest.raises(ValueError, match="messages must be"):
-        lfm_mlx.ChatSession.load(bad, model, tok)
-    bad.write_text("{")
-    with pytest.raises(ValueError, match="not a saved chat session"):
-        lfm_mlx.ChatSession.load(bad, model, tok)
+    with pytest.raises(ValueError, match='role must be "user" or "tool", not \'wizard\''):
+        chat.send("hi", role="wizard")
+    assert chat.history == []
+
+
+def test_a_lone_surrogate_is_refused_before_it_enters_the_history(tiny):
+    model, tok = tiny
+    chat = lfm_mlx.ChatSession(model, tok, **GREEDY)
+    run(chat.send("Hello", max_tokens=3, logits_processors=[ban(EOS)]))
+    before = chat.history
+    with pytest.raises(ValueError, match=r"the message holds a lone surrogate '\\ud800' at character 4"):
+        chat.send("Bad \ud800 text")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        chat.send("\udfff", role="tool")
+    assert chat.history == before
+    out = run(chat.send("Fine now", max_tokens=3, logits_processors=[ban(EOS)]))
+    assert len(out) == 3 and out[-1].cached_tokens > 0
+    assert [m["content"] for m in chat.history if m["role"] == "user"] == ["Hello", "Fine now"]
+
+
+SAVED = {"system": "Sys", "tools": None, "messages": [{"role": "user", "content": "Hi"},
+                                                      {"role": "assistant", "content": "Hello"}],
+         "sampling": {"temperature": 0.0}, "max_kv_size": None, "kv_bits": None}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sampling": [0.5]}, "sampling: must be an object, not a list"),
+    ({"system": 5}, "system: must be a string, not 5"),
+    ({"tools": {"name": "f"}}, "tools: must be a list, not an object"),
+    ({"tools": ["get_weather"]}, 'tools[0]: must be an object, not "get_weather"'),
+    ({"max_kv_size": "4096"}, 'max_kv_size: must be an integer, not "4096"'),
+    ({"max_kv_size": 2}, "max_kv_size (2) must be larger than keep"),
+    ({"kv_bits": 3}, "kv_bits: must be 4 or 8, not 3"),
+    ({"sampling": {"top_k": 1e9}}, "sampling.top_k: must be an integer, not 1000000000.0"),
+    ({"sampling": {"top_k": 70000}}, "sampling.top_k: must be at most 65536 (the vocabulary size), not 70000"),
+    ({"sampling": {"temperature": "hot"}}, 'sampling.temperature: must be a number, not "hot"'),
+    ({"sampling": {"temperature": float("inf")}}, "sampling.temperature: must be a finite number, not Infinity"),
+    ({"sampling": {"temperature": 6}}, "sampling.temperature: must be less than or equal to 5, not 6"),
+    ({"sampling": {"top_p": 0}}, "sampling.top_p: must be greater than 0, not 0"),
+    ({"sampling": {"min_p": 1.5}}, "sampling.min_p: must be less than or equal to 1, not 1.5"),
+    ({"sampling": {"repetition_penalty": 0}}, "sampling.repetition_penalty: must be greater than 0, not 0"),
+    ({"sampling": {"repetition_context_size": True}}, "sampling.repetition_context_size: must be an integer, not true"),
+    ({"sampling": {"temprature": 0.5}}, "sampling.temprature: unknown setting (known: temperature, top_p, top_k"),
+    ({"messages": [{"role": "user", "content": "Hi", "name": "bo"}]}, "messages[0].name: unknown field"),
+    ({"messages": [{"role": "wizard", "content": "Hi"}]}, "messages[0].role: must be 'system', 'user', 'assistant' or"),
+    ({"messages": [{"role": "user", "content": ["Hi"]}]}, "messages[0].content: must be a string, not a list"),
+    ({"messages": [{"role": "user", "content": "Hi \ud800"}]}, "messages[0].content: holds a lone surrogate"),
+    ({"messages": {"role": "user"}}, "messages: must be a list, not an object"),
+    ({"messages": None}, "messages: must be a list, not null"),
+])
+def test_load_names_the_bad_field_of_a_saved_chat_in_one_line(tiny, tmp_path, change, message):
+    model, tok = tiny
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps({**SAVED, **change}), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        lfm_mlx.ChatSession.load(path, model, tok)
+    assert str(error.value).startswith(f"chat.json: {message}") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[]", "chat.json: must be an object, not a list"),
+    (b"{", "chat.json: not a saved chat session: not valid JSON (Expecting property name enclosed in double quotes"),
+    (b'{"messages": ["caf\xe9"]}', "chat.json: not a saved chat session: not UTF-8 text (byte offset 18)"),
+    (b"{}", "chat.json: messages: is missing"),
+    (b" " * (20 * 2**20 + 1), "chat.json: over 20 MB, too big for a saved chat session"),
+])
+def test_load_refuses_a_file_that_is_not_a_small_utf8_json_chat(tiny, tmp_path, content, message):
+    model, tok = tiny
+    path = tmp_path / "chat.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        lfm_mlx.ChatSession.load(path, model, tok)
+    assert str(error.value).startswith(message)
+    with pytest.raises(ValueError, match="cannot read .*absent.json: No such file"):
+        lfm_mlx.ChatSession.load(tmp_path / "absent.json", model, tok)
+
+
+def test_save_and_load_round_trip_tools_tool_calls_and_cache_settings(tiny, tmp_path):
+    model, tok = tiny
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    sampling = dict(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1,
+                    repetition_context_size=32, max_tokens=20, seed=3)
+    chat = lfm_mlx.ChatSession(model, tok, system="Sys", tools=tools, max_kv_size=256, kv_bits=8, **sampling)
+    chat.messages = [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": "<|tool_call_start|>...<|tool_call_end|>", "tool_calls": [
+                         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                     {"role": "tool", "content": '{"temp_c": 21}'}]
+    path = tmp_path / "chat.json"
+    chat.save(path)
+    loaded = lfm_mlx.ChatSession.load(path, model, tok)
+    assert loaded.history == chat.history and loaded.tools == tools and loaded.sampling == sampling
+    assert loaded.cache.settings == chat.cache.settings
+
+
+def test_save_refuses_a_session_load_would_refuse_and_writes_nothing(tiny, tmp_path):
+    model, tok = tiny
+    chat = lfm_mlx.ChatSession(model, tok, logits_processors=[ban(EOS)])
+    path = tmp_path / "chat.json"
+    with pytest.raises(ValueError, match="cannot save this session: sampling.logits_processors: unknown setting"):
+        chat.save(path)
+    assert list(tmp_path.iterdir()) == []

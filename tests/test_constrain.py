@@ -21,9 +21,12 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+import lfm_mlx  # noqa: E402
 from lfm_mlx import constrain  # noqa: E402
 from lfm_mlx.constrain import (  # noqa: E402
-    JSONConstraint, SchemaError, build_grammar, check_schema, ll_tokenizer_for)
+    GrammarConstraint, JSONConstraint, SchemaError, build_grammar, check_schema, ll_tokenizer_for,
+    tool_call_grammar)
+from lfm_mlx.tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls, tool_function  # noqa: E402
 from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS  # noqa: E402
 
 VOCAB = 65536  # the model's logits width; the tokenizer has 64,400 entries
@@ -195,6 +198,48 @@ def test_unsupported_keyword_message_format():
         check_schema({"type": "object", "properties": {"x": {"if": {}}}})
 
 
+ENDLESS = [
+    # a cycle of $refs with nothing between them, even where it is optional
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+     "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}},
+    # recursion through a required property: every document would be infinite
+    {"type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}, "required": ["a"],
+     "definitions": {"A": {"type": "object", "properties": {"next": {"$ref": "#/definitions/A"}},
+                           "required": ["next"]}}},
+    {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/A"},
+     "$defs": {"A": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/A"}}}},
+]
+
+
+@pytest.mark.parametrize("schema", ENDLESS)
+def test_definitions_no_finite_document_fits_are_refused_in_one_line(schema):
+    with pytest.raises(SchemaError, match=r"^no finite document fits this schema: '#/(\$defs|definitions)/A' "):
+        check_schema(schema)
+    assert "\n" not in str(pytest.raises(SchemaError, check_schema, schema).value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"next": {"$ref": "#/$defs/A"}},
+     "$defs": {"A": {"type": "object", "properties": {"next": {"$ref": "#/$defs/A"}}}}},
+    {"type": "object", "properties": {"tree": {"$ref": "#/$defs/T"}}, "required": ["tree"],
+     "$defs": {"T": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/T"}}]}}},
+])
+def test_recursion_with_a_way_out_is_accepted(schema):
+    assert check_schema(schema) is schema
+
+
+def test_schemas_too_big_or_too_deep_are_refused_before_llguidance_sees_them():
+    deep: dict = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(SchemaError, match="nests more than 64 levels"):
+        check_schema(deep)
+    huge = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 1000}
+                                             for i in range(2100)}}
+    with pytest.raises(SchemaError, match=r"the limit is 2,000,000$"):
+        check_schema(huge)
+
+
 @pytest.mark.parametrize("schema", [{"type": "strin"}, {"properties": 5}, {"required": "name"}])
 def test_invalid_schema_is_rejected(schema):
     with pytest.raises(SchemaError, match="^invalid schema: "):
@@ -302,3 +347,220 @@ def test_works_as_an_mlx_lm_logits_processor():
         if token == EOS:
             break
     assert_valid_document(out, UNBOUNDED, 60)
+
+
+# --- any grammar, and tool calls -------------------------------------------------------------------
+
+def test_any_llguidance_grammar_is_enforced():
+    grammar = LLMatcher.grammar_from_lark('start: "yes" | "no" | "maybe " /[0-9]/')
+    seen = set()
+    for seed in range(6):
+        out = decode(GrammarConstraint(TOKENIZER, grammar, vocab_size=VOCAB), seed, 1.0, 20)
+        assert out[-1] == EOS
+        seen.add(TOKENIZER.decode(out[:-1]))
+    assert seen <= {"yes", "no"} | {f"maybe {d}" for d in range(10)} and len(seen) > 1
+
+
+def test_a_grammar_the_tokenizer_cannot_serve_is_refused_before_generation():
+    with pytest.raises(ValueError, match="unknown special token"):
+        GrammarConstraint(TOKENIZER, 'start: <|no_such_token|> "x"', vocab_size=VOCAB)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
+    "type": "object", "required": ["city"], "properties": {
+        "city": NAME, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+SEARCH = {"name": "search", "parameters": {  # the bare form, a format and a nested object
+    "type": "object", "required": ["query", "filters"], "properties": {
+        "query": NAME, "limit": {"type": "integer", "minimum": 1, "maximum": 10},
+        "filters": {"type": "object", "required": ["after"], "properties": {
+            "after": {"type": "string", "format": "date"}, "exact": {"type": "boolean"}}}}}}
+TAG = {"type": "function", "function": {"name": "tag_items", "parameters": {  # $defs, arrays, anyOf, all optional
+    "type": "object", "$defs": {"Tag": {"type": "object", "required": ["name"], "properties": {
+        "name": NAME, "weight": {"type": "integer", "minimum": 0, "maximum": 9}}}},
+    "properties": {
+        "ids": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 1,
+                "maxItems": 3},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}, "maxItems": 2},
+        "note": {"anyOf": [NAME, {"type": "null"}]}, "dry_run": {"type": "boolean"}}}}}
+PING = {"type": "function", "function": {"name": "ping", "description": "No parameters at all"}}
+NOTE = {"name": "write_note", "parameters": {  # nothing bounded: only the token budget can end it
+    "type": "object", "required": ["title", "body"], "properties": {
+        "title": {"type": "string"}, "body": {"type": "string"}, "priority": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}}}}}
+TOOLS = [WEATHER, SEARCH, TAG, PING]
+
+
+def call_text(grammar: str, body: str) -> bool:
+    """Does the grammar accept `<|tool_call_start|>body<|tool_call_end|>` as a whole reply?"""
+    matcher = LLMatcher(ll_tokenizer_for(TOKENIZER), grammar, log_level=0)
+    tokens = TOKENIZER.encode(f"{TOOL_CALL_START}{body}{TOOL_CALL_END}", add_special_tokens=False)
+    return matcher.consume_tokens(tokens) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("body", [
+    '[get_weather(city="Paris")]',
+    '[get_weather(city="Paris", unit="celsius")]',
+    '[get_weather(city="Paris", days=3, unit="fahrenheit")]',
+    '[search(query="mlx", filters={"after": "2024-01-31"})]',
+    '[search(query="mlx", limit=2, filters={"after": "2024-01-31", "exact": true})]',
+    '[tag_items()]',
+    '[tag_items(note=null)]',
+    '[tag_items(ids=[1, 2], tags=[{"name": "a", "weight": 5}], dry_run=false)]',
+    '[ping()]',
+    '[ping(), get_weather(city="Oslo"), ping()]',
+])
+def test_tool_grammar_accepts_calls_with_valid_arguments_in_order(body):
+    assert call_text(tool_call_grammar(TOOLS), body)
+
+
+@pytest.mark.parametrize("body", [
+    '[]',  # "required": at least one call
+    '[get_weather()]',  # a required argument missing
+    '[get_weather(days=3)]',
+    '[get_weather(days=3, city="Paris")]',  # out of the properties' order
+    '[get_weather(city="Paris", wind=3)]',  # not a parameter
+    '[get_weather(city="Paris", days=9)]',  # outside the parameter's schema
+    '[get_weather(city="Paris", unit="kelvin")]',
+    '[get_weather(city="Paris", days=1.5)]',
+    "[get_weather(city='Paris')]",  # Python quotes are not JSON
+    '[get_weather(city="Paris", days=3)',
+    '[get_weather(city= "Paris")]',  # free whitespace
+    '[get_weather( city="Paris")]',
+    '[ping(),ping()]',
+    '[search(query="mlx", filters={"after":"2024-01-31"})]',
+    '[search(query="mlx", filters={"after": "yesterday"})]',
+    '[search(query="mlx", filters={"after": "2024-01-31", "extra": 1})]',
+    '[tag_items(ids=[])]',
+    '[unknown()]',
+    'ping()',  # the list brackets are part of the syntax
+])
+def test_tool_grammar_rejects_anything_else(body):
+    assert not call_text(tool_call_grammar(TOOLS), body)
+
+
+def test_named_tool_grammar_allows_exactly_one_call_to_that_tool():
+    grammar = tool_call_grammar(TOOLS, "get_weather")
+    assert call_text(grammar, '[get_weather(city="Paris")]')
+    assert not call_text(grammar, '[ping()]')
+    assert not call_text(grammar, '[get_weather(city="Paris"), get_weather(city="Oslo")]')
+
+
+def test_after_the_tool_call_only_eos_is_allowed():
+    constraint = GrammarConstraint(TOKENIZER, tool_call_grammar(TOOLS), vocab_size=VOCAB)
+    allowed = masked(constraint, f"{TOOL_CALL_START}[ping(), ping()]{TOOL_CALL_END}")
+    assert np.flatnonzero(np.isfinite(allowed)).tolist() == [EOS]
+    assert constraint.is_done
+
+
+def test_tool_grammar_starts_with_the_tool_call_token():
+    constraint = GrammarConstraint(TOKENIZER, tool_call_grammar(TOOLS), vocab_size=VOCAB)
+    allowed = masked(constraint, "")
+    assert np.flatnonzero(np.isfinite(allowed)).tolist() == TOKENIZER.convert_tokens_to_ids([TOOL_CALL_START])
+
+
+def with_parameters(parameters: dict, name: str = "f") -> list[dict]:
+    return [{"type": "function", "function": {"name": name, "parameters": parameters}}]
+
+
+@pytest.mark.parametrize("tools, name, error", [
+    (with_parameters({"type": "object"}, "get-weather"), None, "tool name 'get-weather' is not a Python identifier"),
+    (with_parameters({"type": "object"}, "math.sqrt"), None, "tool name 'math.sqrt' is not a Python identifier"),
+    (with_parameters({"type": "object"}, "class"), None, "tool name 'class' is not a Python identifier"),
+    ([{"description": "no name"}], None, "tool name None is not a Python identifier"),
+    (with_parameters({"type": "object", "properties": {"from": {}}}), None,
+     "parameter name of tool 'f': 'from' is not a Python identifier"),
+    (with_parameters({"type": "object", "properties": {"max tokens": {}}}), None,
+     "parameter name of tool 'f': 'max tokens' is not a Python identifier"),
+    (with_parameters({"type": "string"}), None, "parameters of tool 'f' must be an object schema"),
+    (with_parameters({"properties": {"a": {}}}), None, "parameters of tool 'f' must be an object schema"),
+    (with_parameters({"type": "object", "minProperties": 1}), None,
+     r"unsupported schema keyword 'minProperties' at \$\.f\.parameters$"),
+    (with_parameters({"type": "object", "properties": {"a": {"not": {}}}}), None,
+     r"unsupported schema keyword 'not' at \$\.f\.parameters\.properties\.a$"),
+    (with_parameters({"type": "object", "properties": {"a": {"type": "strin"}}}), None,
+     "invalid parameters of tool 'f': "),
+    (with_parameters({"type": "object", "properties": {}, "required": ["a"]}), None,
+     r"required parameters \['a'\] of tool 'f' are not in its properties"),
+    (with_parameters({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}), None,
+     "tool grammar rejected by llguidance"),
+    (TOOLS + [PING], None, "tool names must be unique"),
+    (TOOLS, "get_time", "tool 'get_time' is not among the tools"),
+    ([], None, "needs at least one tool"),
+])
+def test_tools_that_cannot_be_enforced_are_refused_with_the_reason(tools, name, error):
+    with pytest.raises(ValueError, match=error):
+        tool_call_grammar(tools, name)
+
+
+def generate_reply(tiny, tools: list[dict], constraint, seed: int, temperature: float, max_steps: int) -> list[int]:
+    """Token by token through the tiny random-weight model, its cache and the constraint, until EOS."""
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "What is the weather in Paris? Then ping."}]
+    tokens = mx.array(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+    cache, step, out = lfm_mlx.make_cache(model), tokens, []
+    mx.random.seed(seed)
+    for _ in range(max_steps):
+        logits = constraint(tokens, model(step[None], cache)[:, -1])
+        token = (mx.argmax(logits, axis=-1) if temperature == 0 else mx.random.categorical(logits / temperature)).item()
+        out.append(token)
+        if token == EOS:
+            break
+        step = mx.array([token])
+        tokens = mx.concatenate([tokens, step])
+    return out
+
+
+def assert_valid_calls(tiny, tools: list[dict], out: list[int], max_steps: int) -> list[dict]:
+    """The reply is one tool-call span, then EOS; every call names a tool and its arguments validate."""
+    assert out[-1] == EOS and EOS not in out[:-1], f"no EOS within {max_steps}: {tiny[1].decode(out)!r}"
+    assert len(out) <= max_steps
+    text = tiny[1].decode(out[:-1])
+    assert text.startswith(TOOL_CALL_START) and text.endswith(TOOL_CALL_END) and text.count(TOOL_CALL_END) == 1
+    calls = parse_tool_calls(text)
+    assert calls, text
+    functions = {f["name"]: f for f in map(tool_function, tools)}
+    for call in calls:
+        assert "error" not in call, call
+        parameters = functions[call["name"]].get("parameters", {"type": "object", "properties": {}})
+        jsonschema.validate(call["arguments"], parameters)
+        assert set(call["arguments"]) <= parameters.get("properties", {}).keys()
+    return calls
+
+
+@pytest.mark.parametrize("tool", TOOLS, ids=lambda tool: tool_function(tool)["name"])
+def test_random_model_calls_the_named_tool_with_valid_arguments(tiny, tool):
+    name = tool_function(tool)["name"]
+    for seed in range(3):
+        for temperature in (0.0, 1.0):
+            constraint = GrammarConstraint(tiny[1], tool_call_grammar(TOOLS, name), vocab_size=VOCAB)
+            calls = assert_valid_calls(tiny, TOOLS, generate_reply(tiny, TOOLS, constraint, seed, temperature, 200), 200)
+            assert [call["name"] for call in calls] == [name]
+
+
+def test_random_model_makes_valid_calls_when_a_call_is_required(tiny):
+    names = set()
+    for seed in range(4):
+        for temperature in (0.0, 1.0):
+            constraint = GrammarConstraint(tiny[1], tool_call_grammar(TOOLS), vocab_size=VOCAB, max_tokens=120)
+            calls = assert_valid_calls(tiny, TOOLS, generate_reply(tiny, TOOLS, constraint, seed, temperature, 120), 120)
+            names |= {call["name"] for call in calls}
+    assert len(names) > 1
+
+
+@pytest.mark.parametrize("budget", [24, 64])
+@pytest.mark.parametrize("name", ["write_note", None])
+def test_token_budget_forces_a_tool_call_closed(tiny, budget, name):
+    tools = [NOTE, WEATHER]
+    for seed in range(3):
+        for temperature in (0.0, 1.0):
+            grammar = tool_call_grammar(tools, name)
+            constraint = GrammarConstraint(tiny[1], grammar, vocab_size=VOCAB, max_tokens=budget)
+            calls = assert_valid_calls(tiny, tools, generate_reply(tiny, tools, constraint, seed, temperature, budget),
+                                       budget)
+            if name:
+                assert [call["name"] for call in calls] == [name]
+    # without the budget the same model is still writing when the budget is spent
+    constraint = GrammarConstraint(tiny[1], tool_call_grammar([NOTE]), vocab_size=VOCAB)
+    out = generate_reply(tiny, [NOTE], constraint, 0, 0.0, budget)
+    assert EOS not in out and len(out) == budget

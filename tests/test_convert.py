@@ -4,8 +4,10 @@ leaves no trace."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -290,3 +292,162 @@ def test_bad_input_fails_in_one_line_and_leaves_destination_untouched(bad_runs, 
         assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "precious"
     else:
         assert not dst.parent.exists()
+
+
+# Careless input: destinations that would delete more than a model, nonsense configs, NaN weights, and
+# what killed runs leave behind.
+
+
+@pytest.fixture
+def untouchable(monkeypatch):
+    """Fails the test on any deletion, rename or new directory: refusals must come first."""
+
+    def touched(*args, **kwargs):
+        raise AssertionError(f"filesystem changed before the refusal: {args}")
+
+    for name in ("rename", "replace", "mkdir", "makedirs", "rmdir", "unlink", "remove"):
+        monkeypatch.setattr(os, name, touched)
+    monkeypatch.setattr(shutil, "rmtree", touched)
+
+
+@pytest.mark.parametrize("mlx_path,message", [
+    ("", "--mlx-path is empty, which means the current directory: name the directory to write"),
+    (".", "--mlx-path . is the current directory: .* name a new one, e.g. --mlx-path lfm2-4bit"),
+    ("~", "--mlx-path ~ is your home directory: .* name a new one"),
+    ("/", "--mlx-path / is the filesystem root: .* name a new one"),
+    ("..", r"--mlx-path \.\. is a directory holding the current directory"),
+], ids=["empty", "dot", "tilde", "root", "parent of cwd"])
+def test_cli_refuses_destinations_that_force_would_wipe(tiny_checkpoint, tmp_path, monkeypatch, mlx_path, message):
+    import convert as cli
+
+    home, cwd = tmp_path / "home", tmp_path / "work" / "here"
+    for place in (home, cwd):
+        place.mkdir(parents=True)
+        (place / "sentinel.txt").write_text("precious")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["--hf-path", str(tiny_checkpoint), "--mlx-path", mlx_path, "--force"])
+    assert isinstance(excinfo.value.code, str) and excinfo.value.code.startswith("convert.py: error: ")
+    assert "\n" not in excinfo.value.code and re.search(message, excinfo.value.code), excinfo.value.code
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (cwd / "sentinel.txt").read_text() == (home / "sentinel.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("mlx_path", ["", ".", "~", "/", "/tmp/.."])
+def test_wiping_destinations_are_refused_before_any_filesystem_change(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                      untouchable, mlx_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match="--mlx-path"):
+        convert(tiny_checkpoint, mlx_path, force=True)
+
+
+def test_ancestor_of_the_source_is_refused_with_force_and_nothing_is_deleted(tiny_checkpoint, tmp_path):
+    import convert as cli
+
+    src = shutil.copytree(tiny_checkpoint, tmp_path / "models" / "src")
+    (tmp_path / "models" / "sentinel.txt").write_text("precious")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit, match="holds the source checkpoint: choose another --mlx-path"):
+        cli.main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "models"), "--force"])
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("config,message", [
+    ("[1, 2]", "config.json holds an array, not an object"),
+    (dict(num_attention_heads=0), "num_attention_heads is 0 in config.json: use an integer from 1 to 1,024"),
+    (dict(vocab_size=1e12), r"vocab_size is 1000000000000\.0 in config.json: use an integer from 1 to 16,777,216"),
+    (dict(hidden_size=130), r"hidden_size \(130\) must be a multiple of num_attention_heads \(4\)"),
+])
+def test_cli_reports_a_nonsense_config_in_one_line(tmp_path, config, message):
+    import convert as cli
+    from test_loading import write_config
+
+    write_config(tmp_path / "src", config)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["--hf-path", str(tmp_path / "src"), "--mlx-path", str(tmp_path / "out")])
+    assert re.fullmatch(f"convert.py: error: .*{message}.*", excinfo.value.code), excinfo.value.code
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_source_with_nan_or_inf_is_refused_naming_the_tensor(poisoned_checkpoint, tmp_path, value):
+    src = poisoned_checkpoint(value=value)
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.1\.self_attn\.q_proj\.weight of .* holds NaN "
+                                              r"or inf values: the checkpoint is damaged; download it again"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_sigterm_while_writing_removes_the_temporary_folder_and_keeps_the_old_copy(tiny_checkpoint, tmp_path):
+    dst, writing = tmp_path / "out", tmp_path / "writing"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    # The real CLI in a child process, held mid-write: weights saved, config.json not yet.
+    script = (
+        "import sys, time\n"
+        "import lfm_mlx.convert, convert\n"
+        f"lfm_mlx.convert.save_config = lambda *args: open({str(writing)!r}, 'w').close() or time.sleep(120)\n"
+        "convert.main(sys.argv[1:])\n"
+    )
+    args = ["--hf-path", str(tiny_checkpoint), "--mlx-path", str(dst), "--force"]
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not writing.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no write began"
+            time.sleep(0.05)
+        assert (next(tmp_path.glob(".out.tmp-*")) / "model.safetensors").is_file()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "writing"]
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_sigterm_handler_is_installed_only_while_writing(tiny_checkpoint, tmp_path, monkeypatch):
+    import lfm_mlx.convert
+
+    during = []
+    save_config = lfm_mlx.convert.save_config
+    monkeypatch.setattr(lfm_mlx.convert, "save_config",
+                        lambda *args: during.append(signal.getsignal(signal.SIGTERM)) or save_config(*args))
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a command-line run
+    try:
+        convert(tiny_checkpoint, tmp_path / "out")
+        assert callable(during[0]) and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_next_run_removes_temporary_folders_of_dead_conversions_only(tiny_checkpoint, tmp_path, dead_pid):
+    stale, live = tmp_path / f".out.tmp-{dead_pid}-0123abcd", tmp_path / f".out.tmp-{os.getpid()}-89abcdef"
+    other = tmp_path / f".other.tmp-{dead_pid}-0123abcd"  # another destination's: not this run's business
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    with pytest.warns(UserWarning, match=f"removed 1 temporary folder.* left by interrupted conversions .*{stale.name}"):
+        convert(tiny_checkpoint, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, other.name])
+
+
+def test_next_run_completes_an_overwrite_killed_between_its_renames(tiny_checkpoint, tmp_path, dead_pid, capsys):
+    """kill -9 after the old copy was moved aside and before the new, complete one was moved in."""
+    import convert as cli
+
+    old = tmp_path / f".model.old-{dead_pid}-0123abcd"
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    shutil.copytree(tiny_checkpoint, tmp_path / f".model.tmp-{dead_pid}-0123abcd")
+    with pytest.raises(SystemExit, match="model already exists and is not empty: pass --force"):
+        cli.main(["--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "model")])
+    notices = capsys.readouterr().err.splitlines()
+    assert [line.split(": ", 1)[0] for line in notices] == ["convert.py"] * 2, notices
+    assert "model was missing after an interrupted --force overwrite: moved the new, complete copy" in notices[0]
+    assert f"removed 1 temporary folder(s) beside {tmp_path / 'model'}" in notices[1]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(p.name for p in tiny_checkpoint.iterdir())

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +19,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from conftest import forcing, require_shared
-from lfm_mlx.constrain import SUPPORTED_KEYWORDS, SchemaError
+from lfm_mlx.constrain import SUPPORTED_KEYWORDS, JSONConstraint, SchemaError
+from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import (
     SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract, extract_many, main, merge, merge_all,
     split_text)
@@ -273,17 +277,20 @@ def test_pydantic_model_class_as_schema(tiny):
 def scripted(tiny, monkeypatch):
     """Make the tiny model reply `reply(document)` by forcing its tokens; the JSON grammar still runs."""
     model, tok = tiny
-    real = extract_module.stream_generate
+    real = extract_module._requests
     prompts: list[str] = []
 
     def install(reply):
-        def stream_generate(model, tokenizer, messages, **kwargs):
-            prompts.append(messages[-1]["content"])
-            ids = tok.encode(json.dumps(reply(messages[-1]["content"]), ensure_ascii=False), add_special_tokens=False)
-            kwargs["logits_processors"] = [forcing(ids), *kwargs["logits_processors"]]
-            return real(model, tokenizer, messages, **kwargs)
+        def requests(model, tokenizer, prompt_ids, schema, **options):
+            for request in real(model, tokenizer, prompt_ids, schema, **options):
+                text = tok.decode(request.prompt)
+                document = text[text.rindex("<|im_start|>user\n") + len("<|im_start|>user\n"):text.rindex("<|im_end|>")]
+                prompts.append(document)
+                ids = tok.encode(json.dumps(reply(document), ensure_ascii=False), add_special_tokens=False)
+                request.logits_processors.append(forcing(ids))  # after the grammar, which still runs
+                yield request
 
-        monkeypatch.setattr(extract_module, "stream_generate", stream_generate)
+        monkeypatch.setattr(extract_module, "_requests", requests)
         return prompts
 
     return install
@@ -391,31 +398,63 @@ def test_extract_many_keeps_order_reports_bad_texts_and_matches_single_extractio
     results = extract_many(model, tok, texts, schema, **options, batch_size=3, progress=False)
     assert len(results) == len(texts)
     assert not results[1].valid and results[1].error == "text must be a string, not int" and results[1].chunks == 0
+    assert not results[3].valid and results[3].error == "the text is empty: there is nothing to extract"
     assert [r.chunked for r in results] == [False, False, False, False, True]
     for text, result in zip(texts, results):
-        if isinstance(text, str):
+        if isinstance(text, str) and text:
             single = extract(model, tok, text, schema, **options)
             assert result.valid and result.raw == single.raw and result.chunks == single.chunks
 
 
-def test_a_failing_batch_is_retried_row_by_row_and_a_failing_row_is_reported(tiny, monkeypatch):
+def test_empty_and_lone_surrogate_texts_fail_alone_in_extract_many_and_raise_in_extract(tiny):
     model, tok = tiny
-    real = extract_module._generate_one
+    schema = KEYWORD_SCHEMAS["enum_const"]
+    texts = ["A fine text.", "Bad \ud800 text.", " \n\t ", "Another fine text."]
+    results = extract_many(model, tok, texts, schema, max_tokens=24, batch_size=2, progress=False)
+    assert [r.valid for r in results] == [True, False, False, True]
+    assert results[1].error == "the text is not valid Unicode: a lone surrogate '\\ud800' at character 4"
+    assert results[2].error == "the text is empty: there is nothing to extract"
+    assert results[1].chunks == results[2].chunks == 0 and results[1].data is None
+    model = None  # the refusal comes before any generation
+    with pytest.raises(ValueError, match="the text is empty"):
+        extract(model, tok, "   ", schema)
+    with pytest.raises(ValueError, match="lone surrogate '\\\\udfff' at character 0"):
+        extract(model, tok, "\udfff", schema)
+    with pytest.raises(TypeError, match="text must be a string, not bytes"):
+        extract(model, tok, b"text", schema)
 
-    def batch(*args, **kwargs):
-        raise RuntimeError("batch broke")
 
-    def one(model, tokenizer, prompt, schema, **options):
-        if "poison" in tokenizer.decode(prompt):
+def test_a_failing_row_is_reported_and_the_others_go_on(tiny):
+    model, tok = tiny
+    real = JSONConstraint.__call__
+
+    def poisoned(self, tokens, logits):
+        if "poison" in tok.decode(tokens[: self._prompt_len or len(tokens)].tolist()):
             raise RuntimeError("row broke")
-        return real(model, tokenizer, prompt, schema, **options)
+        return real(self, tokens, logits)
 
-    monkeypatch.setattr(extract_module, "_generate_batch", batch)
-    monkeypatch.setattr(extract_module, "_generate_one", one)
-    results = extract_many(model, tok, ["poison pill", "a fine text"], KEYWORD_SCHEMAS["enum_const"],
-                           max_tokens=24, progress=False)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(JSONConstraint, "__call__", poisoned)
+        results = extract_many(model, tok, ["poison pill", "a fine text"], KEYWORD_SCHEMAS["enum_const"],
+                               max_tokens=24, progress=False)
     assert not results[0].valid and results[0].error == "generation failed: row broke"
     assert results[1].valid and results[1].error is None
+
+
+def test_extract_many_reports_each_text_as_it_finishes_and_stops_on_cancel(tiny):
+    model, tok = tiny
+    texts = [f"Invoice {i}: {i} EUR." for i in range(6)]
+    seen, cancel = [], threading.Event()
+
+    def on_result(i, result):
+        seen.append(i)
+        if len(seen) == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        extract_many(model, tok, texts, KEYWORD_SCHEMAS["enum_const"], max_tokens=24, batch_size=2,
+                     progress=False, on_result=on_result, cancel=cancel)
+    assert len(seen) == 2 and len(set(seen)) == 2
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -451,19 +490,21 @@ def test_cli_processes_jsonl_reports_bad_lines_and_writes_csv(tiny_checkpoint, t
     assert "4 records: 2 valid, 2 with errors" in capsys.readouterr().err
 
 
-def test_cli_reads_a_directory_of_text_and_markdown_files(tiny_checkpoint, tmp_path):
+def test_cli_reads_a_directory_of_text_and_markdown_files_into_an_output_beside_them(tiny_checkpoint, tmp_path):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "a.txt").write_text(SAMPLES["calendar_event"], encoding="utf-8")
     (docs / "sub" / "b.md").write_text("# Notes\nLunch with Bo on 2 May.", encoding="utf-8")
     (docs / "c.json").write_text("{}", encoding="utf-8")
-    out = tmp_path / "out.jsonl"
+    (docs / "latin1.txt").write_bytes("Caf\u00e9 at noon.".encode("latin-1"))
+    out = docs / "out.jsonl"  # inside the input directory, but not one of the files read
     schema = tmp_path / "event.json"
     schema.write_text(json.dumps(PRESETS["calendar_event"]), encoding="utf-8")
     assert main(["--schema", str(schema), "--input", str(docs), "--output", str(out),
                  "--model", str(tiny_checkpoint), "--max-tokens", "24", "--temperature", "0.7", "--seed", "1"]) == 0
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [(r["id"], r["valid"]) for r in records] == [("a.txt", True), ("sub/b.md", True)]
+    assert [(r["id"], r["valid"]) for r in records] == [("a.txt", True), ("latin1.txt", False), ("sub/b.md", True)]
+    assert records[1]["error"] == "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3): save the file as UTF-8"
 
 
 @pytest.mark.parametrize("case, message", [
@@ -491,3 +532,176 @@ def test_cli_runs_as_a_module(tmp_path):
                            "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 1 and proc.stderr == "error: schema file not found: nope.json\n"
+
+
+
+def small_schema(tmp_path: Path) -> str:
+    """A schema the tiny model completes in a few tokens: CLI tests about records, not about generation."""
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(KEYWORD_SCHEMAS["enum_const"]), encoding="utf-8")
+    return str(path)
+
+
+def test_cli_turns_bad_bytes_lone_surrogates_empty_texts_and_repeated_ids_into_error_rows(tiny_checkpoint, tmp_path):
+    lines = [json.dumps({"id": "ok", "text": "Bo paid 5 EUR."}).encode(),
+             b'"Caf\xe9 bill"',  # latin-1, not UTF-8
+             b'{"id": "surrogate", "text": "Bo \\ud800 paid."}',  # legal JSON, not valid Unicode
+             json.dumps({"id": "blank", "text": "  \n "}).encode(),
+             json.dumps({"id": "ok", "text": "Again."}).encode(),
+             json.dumps({"id": [1], "text": "A list id."}).encode(),
+             json.dumps("Last one.").encode()]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")  # a byte-order mark and CRLF, as Notepad saves
+    out = tmp_path / "out.jsonl"
+    assert main(["--schema", small_schema(tmp_path), "--input", str(docs), "--output", str(out),
+                 "--model", str(tiny_checkpoint), "--max-tokens", "16"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    second_line = 3 + len(lines[0]) + 2
+    assert [(r["id"], r["valid"], r["error"]) for r in rows] == [
+        ("ok", True, None),
+        (2, False, f"line 2: not UTF-8 text (byte 0xe9 at offset {second_line + 4} of the file): save the file as UTF-8"),
+        ("surrogate", False, "the text is not valid Unicode: a lone surrogate '\\ud800' at character 3"),
+        ("blank", False, "the text is empty: there is nothing to extract"),
+        ("ok", False, 'line 5: id "ok" is already used on line 1: give each record its own id'),
+        (6, False, 'line 6: "id" must be a string or an integer, not [1]'),
+        (7, True, None)]
+
+
+@pytest.mark.parametrize("case", ["output_is_input", "output_symlinks_to_input", "output_hard_links_input",
+                                  "output_is_schema", "csv_is_input", "csv_is_output", "output_is_a_file_read"])
+def test_cli_refuses_to_write_over_an_input_before_loading_the_model(tmp_path, capsys, case):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps("Bo paid 5 EUR.")])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Bo paid 5 EUR.", encoding="utf-8")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(PRESETS["invoice"]), encoding="utf-8")
+    link = tmp_path / "link.jsonl"
+    if case == "output_symlinks_to_input":
+        link.symlink_to(docs)
+    if case == "output_hard_links_input":
+        link.hardlink_to(docs)
+    source, output, table, expected = {
+        "output_is_input": (docs, docs, None, f"--output {docs} is the --input file"),
+        "output_symlinks_to_input": (docs, link, None, f"--output {link} is the --input file"),
+        "output_hard_links_input": (docs, link, None, f"--output {link} is the --input file"),
+        "output_is_schema": (docs, schema, None, f"--output {schema} is the --schema file"),
+        "csv_is_input": (docs, tmp_path / "out.jsonl", docs, f"--csv {docs} is the --input file"),
+        "csv_is_output": (docs, tmp_path / "out.jsonl", tmp_path / "out.jsonl", "--csv and --output are the same file"),
+        "output_is_a_file_read": (folder, folder / "a.txt", None, f"--output {folder / 'a.txt'} is a.txt in the "
+                                                                   "--input directory"),
+    }[case]
+    before = {p: p.read_bytes() for p in (docs, schema, folder / "a.txt")}
+    argv = ["--schema", str(schema), "--input", str(source), "--output", str(output), "--model", "/nonexistent"]
+    assert main(argv + (["--csv", str(table)] if table else [])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_refuses_bad_numbers_before_loading_the_model(tmp_path, capsys):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps("text")])
+    base = ["--schema", "invoice", "--input", str(docs), "--output", str(tmp_path / "out.jsonl"), "--model", "/none"]
+    for flag, value in [("--batch-size", "0"), ("--max-tokens", "-3"), ("--context-budget", "many"),
+                        ("--temperature", "nan"), ("--temperature", "9")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(base + [flag, value])
+        assert exit_.value.code == 2
+        assert f"error: argument {flag}: must be a " in capsys.readouterr().err
+
+
+EXTRACT_MANY = extract_module.extract_many  # unpatched, whatever an earlier interrupt_after installed
+
+
+def interrupt_after(monkeypatch, n: int, stop) -> tuple[list, list]:
+    """Make the CLI's `extract_many` call `stop()` once `n` documents have finished; returns the texts
+    it was asked for and the indices of the documents that finished."""
+    real, calls, finished = EXTRACT_MANY, [], []
+
+    def extract_many(model, tokenizer, texts, schema, on_result=None, **options):
+        calls.append(list(texts))
+
+        def record(i, result):
+            if len(finished) == n:
+                stop()
+            finished.append(i)
+            on_result(i, result)
+
+        return real(model, tokenizer, texts, schema, on_result=record, **options)
+
+    monkeypatch.setattr(extract_module, "extract_many", extract_many)
+    return calls, finished
+
+
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def test_cli_keeps_finished_records_on_ctrl_c_and_resume_extracts_only_the_rest(tiny_checkpoint, tmp_path, capsys,
+                                                                               monkeypatch):
+    texts = [f"Invoice {i} from Shop {i}: {i} EUR." for i in range(6)]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(texts)]
+                       + ['{"id": "broken", '])
+    out, table = tmp_path / "out.jsonl", tmp_path / "out.csv"
+    argv = ["--schema", small_schema(tmp_path), "--input", str(docs), "--output", str(out), "--csv", str(table),
+            "--model", str(tiny_checkpoint), "--max-tokens", "16", "--batch-size", "2"]
+    calls, finished = interrupt_after(monkeypatch, 4, ctrl_c)
+    assert main(argv) == 130
+    assert calls == [texts]
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"interrupted: 5 of 7 records written to {out}; to extract the other 2, "
+                   "run the same command again with --resume")
+    done = sorted(finished[:4])
+    first = out.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in first] == [f"d{i}" for i in done] + [7]  # in input order
+    assert all(json.loads(line)["valid"] for line in first[:4])
+    assert len(list(csv.reader(table.open(encoding="utf-8")))) == 1 + 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.csv", "out.jsonl", "small.json"]
+
+    lines = docs.read_text(encoding="utf-8").splitlines()
+    lines[6] = json.dumps({"id": "broken", "text": "Fixed: 9 EUR."})  # a bad line fixed meanwhile is extracted
+    write_jsonl(docs, lines)
+    calls, _ = interrupt_after(monkeypatch, 99, ctrl_c)
+    assert main(argv + ["--resume"]) == 0
+    assert calls == [[t for i, t in enumerate(texts) if i not in done] + ["Fixed: 9 EUR."]]
+    final = out.read_text(encoding="utf-8").splitlines()
+    assert [line for line in final if line in first] == first[:4]  # kept as they were
+    assert [json.loads(line)["id"] for line in final] == ["d0", "d1", "d2", "d3", "d4", "d5", "broken"]
+    assert all(json.loads(line)["valid"] for line in final)
+    assert [row[0] for row in csv.reader(table.open(encoding="utf-8"))][1:] == [
+        "d0", "d1", "d2", "d3", "d4", "d5", "broken"]
+    assert "resuming: 4 records kept" in capsys.readouterr().err
+
+
+def test_cli_keeps_finished_records_on_sigterm_and_leaves_an_earlier_output_if_nothing_finished(
+        tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps(f"Invoice {i}: {i} EUR.") for i in range(4)])
+    out = tmp_path / "out.jsonl"
+    out.write_text("an earlier run's results\n", encoding="utf-8")
+    argv = ["--schema", small_schema(tmp_path), "--input", str(docs), "--output", str(out),
+            "--model", str(tiny_checkpoint), "--max-tokens", "16", "--batch-size", "2"]
+    interrupt_after(monkeypatch, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(argv) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted: no record finished; nothing written"
+    assert out.read_text(encoding="utf-8") == "an earlier run's results\n"
+    _, finished = interrupt_after(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(argv) == 143
+    assert [json.loads(line)["id"] for line in out.read_text(encoding="utf-8").splitlines()] == \
+        sorted(i + 1 for i in finished[:2])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+@pytest.mark.parametrize("earlier, message", [
+    ('{"id": "elsewhere", "valid": true, "chunks": 1}\n', 'holds results for ids that are not in the input (e.g. "elsewhere")'),
+    ("id,valid\n", "line 1 of "),
+])
+def test_cli_resume_refuses_an_output_it_did_not_write_for_this_input(tmp_path, capsys, earlier, message):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps({"id": "a", "text": "Bo paid."})])
+    out = tmp_path / "out.jsonl"
+    out.write_text(earlier, encoding="utf-8")
+    assert main(["--schema", "invoice", "--input", str(docs), "--output", str(out), "--resume",
+                 "--model", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume: ") and message in err and err.count("\n") == 1
+    assert out.read_text(encoding="utf-8") == earlier

@@ -1,0 +1,341 @@
+"""Soak the app as careless and hostile clients would: ``python -m app.soak [--minutes 10] [--clients 16]``.
+
+Starts ``python -m app`` (the demo model unless ``--model``) on a free loopback port, measures normal
+requests alone, then lets ``--clients`` clients loose for ``--minutes``: each picks, at random, a
+normal chat (the OpenAI route, streamed), a normal extraction (the app's ``/extract`` API), a reply
+that would run forever (``max_tokens=10**12``) or a stream it abandons after the first chunk, a 1 MB
+message or document, a malformed body, bad sampling values, a bad or cyclic schema, an unknown role or
+an invalid tool-call history. Every request has a deadline; nothing leaves the machine. It prints
+requests served by kind, the latency of the normal ones (alone and under the soak), outcomes by kind,
+the app's resident memory over time, and whether the app still answers at the end; the exit status
+is non-zero if it does not, if a client got stuck, or if the app crashed.
+
+A program, not a test: it runs for minutes and its numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 2048  # the app's --max-kv-size: long enough for chats, short enough that floods are refused fast
+DEADLINE_S = 120.0  # a request still unanswered after this is a stuck client
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "total": {"type": "number"}},
+          "required": ["name", "total"]}
+CYCLIC_SCHEMA = {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"],
+                 "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}}
+WORDS = "invoice total paid order customer shipped city street date amount note report item".split()
+MB = "word " * 200_000  # 1 MB of text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    """``python -m app`` on a loopback port, its output in a log file."""
+
+    def __init__(self, model: Optional[str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkdtemp(prefix="lfm-soak-")) / "app.log"
+        choice = ["--model", model] if model else ["--demo"]
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+               "LFM_MLX_CACHE": str(self.log.parent / "cache")}
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app", *choice, "--port", str(self.port), "--max-kv-size", str(CONTEXT)],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the app did not start within {timeout:.0f} s")
+
+    def rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")  # no /proc (macOS): not measured
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# --- the clients' moves ---------------------------------------------------------------------------------
+# Each returns an outcome label; "ok" marks a normal request that was served.
+
+def _user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+async def normal_chat(http: httpx.AsyncClient, rng: random.Random) -> str:
+    body = {"messages": _user(" ".join(rng.choices(WORDS, k=rng.randint(5, 60)))), "max_tokens": 16,
+            "temperature": 0.7, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return f"chat: HTTP {r.status_code}"
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                return "ok"
+    return "chat: stream ended without [DONE]"
+
+
+def normal_extraction(url: str, rng: random.Random) -> str:
+    from gradio_client import Client
+
+    text = f"Invoice from {rng.choice(['Ada', 'Bo', 'Cy'])} Ltd, total {rng.randint(1, 999)}.{rng.randint(0, 99)} EUR."
+    client = Client(url + "/", verbose=False)
+    try:
+        data = client.predict(text, json.dumps(SCHEMA), "", 64, api_name="/extract")
+    finally:
+        client.close()
+    return "ok" if isinstance(data, dict) and {"name", "total"} <= data.keys() else "extract: not the schema's object"
+
+
+async def endless_reply(http: httpx.AsyncClient, rng: random.Random) -> str:
+    """max_tokens=10**12, streamed, abandoned after a moment: the row must be freed."""
+    body = {"messages": _user("Go on forever."), "max_tokens": 10**12, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return f"refused {r.status_code}"
+        until = time.monotonic() + rng.uniform(0.2, 3.0)
+        async for _ in r.aiter_lines():
+            if time.monotonic() > until:
+                break
+    return "abandoned"
+
+
+async def abrupt_disconnect(http: httpx.AsyncClient, rng: random.Random) -> str:
+    body = {"messages": _user(" ".join(rng.choices(WORDS, k=200))), "max_tokens": 200, "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for _ in r.aiter_lines():
+            break
+    return "abandoned"
+
+
+async def flood(http: httpx.AsyncClient, rng: random.Random) -> str:
+    """A 1 MB message: refused by size (413) or by the context (400), never prefilled."""
+    body = {"messages": _user(MB), "max_tokens": 8}
+    r = await http.post("/v1/chat/completions", json=body)
+    return f"refused {r.status_code}" if r.status_code >= 400 else f"served a 1 MB prompt?! ({r.status_code})"
+
+
+def flood_extraction(url: str, rng: random.Random) -> str:
+    """A 1 MB document through the app's own API, abandoned after a second."""
+    from gradio_client import Client
+
+    client = Client(url + "/", verbose=False)
+    try:
+        job = client.submit(MB, json.dumps(SCHEMA), "", 64, api_name="/extract")
+        try:
+            job.result(timeout=1.0)
+            return "served a 1 MB document?!"
+        except TimeoutError:
+            job.cancel()
+            return "abandoned"
+        except Exception as e:  # gradio_client raises the app's message as AppError
+            return "refused (app error)" if "AppError" in type(e).__name__ else f"extract flood: {type(e).__name__}"
+    finally:
+        client.close()
+
+
+BAD_BODIES = [
+    ("malformed JSON", b"{not json"),
+    ("bad sampling", {"messages": _user("hi"), "min_p": 2.0}),
+    ("bad sampling", {"messages": _user("hi"), "top_k": 100000}),
+    ("bad sampling", {"messages": _user("hi"), "temperature": "hot"}),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}),
+    ("lone surrogate", {"messages": _user("hi \ud800")}),
+    ("bad schema", {"messages": _user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}),
+    ("cyclic schema", {"messages": _user("hi"), "response_format": {"type": "json_schema", "json_schema": {
+        "schema": CYCLIC_SCHEMA}}}),
+    ("bad tool history", {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+    ("wrong types", {"messages": "hello", "max_tokens": "ten"}),
+]
+
+
+async def malformed(http: httpx.AsyncClient, rng: random.Random) -> str:
+    kind, body = rng.choice(BAD_BODIES)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = await http.post("/v1/chat/completions", content=content, headers={"content-type": "application/json"})
+    ok = 400 <= r.status_code < 500 and set(r.json().get("error", {})) == {"message", "type", "param", "code"}
+    return f"refused {r.status_code}" if ok else f"{kind}: HTTP {r.status_code} {r.text[:80]}"
+
+
+MOVES = [  # (weight, name, move, is it a normal request, runs in a thread)
+    (30, "normal chat", normal_chat, True, False),
+    (15, "normal extraction", normal_extraction, True, True),
+    (10, "endless reply", endless_reply, False, False),
+    (10, "abrupt disconnect", abrupt_disconnect, False, False),
+    (8, "1 MB message", flood, False, False),
+    (5, "1 MB document", flood_extraction, False, True),
+    (22, "malformed request", malformed, False, False),
+]
+
+
+async def client(url: str, seed: int, until: float, records: list) -> None:
+    rng = random.Random(seed)
+    weights = [m[0] for m in MOVES]
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(DEADLINE_S, connect=10)) as http:
+        while time.monotonic() < until:
+            _, name, move, normal, threaded = rng.choices(MOVES, weights)[0]
+            start = time.monotonic()
+            try:
+                call = asyncio.to_thread(move, url, random.Random(rng.random())) if threaded else move(http, rng)
+                outcome = await asyncio.wait_for(call, DEADLINE_S)
+            except asyncio.TimeoutError:
+                outcome = "STUCK"
+            except Exception as e:
+                outcome = f"{type(e).__name__}: {str(e)[:80]}"
+            records.append({"move": name, "normal": normal, "outcome": outcome, "seconds": time.monotonic() - start})
+
+
+async def baseline(url: str, n: int) -> list[float]:
+    """Normal chats and extractions one at a time on an idle app: the unloaded latency."""
+    rng, times = random.Random(0), []
+    async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S) as http:
+        for i in range(n):
+            start = time.monotonic()
+            if i % 3 == 2:
+                outcome = await asyncio.to_thread(normal_extraction, url, rng)
+            else:
+                outcome = await normal_chat(http, rng)
+            if outcome != "ok":
+                raise RuntimeError(f"a normal request failed on the idle app: {outcome}")
+            times.append(time.monotonic() - start)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def still_answers(url: str) -> bool:
+    try:
+        body = {"messages": _user("Still there?"), "max_tokens": 4, "temperature": 0.7}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        return r.status_code == 200 and httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def report(records: list, alone: list[float], memory: list[tuple[float, float]], answering: bool,
+           crashed: bool, minutes: float, clients: int) -> str:
+    normal = defaultdict(list)
+    for r in records:
+        if r["normal"] and r["outcome"] == "ok":
+            normal[r["move"]].append(r["seconds"])
+    loaded = [s for v in normal.values() for s in v]
+    lines = [f"soak: {clients} clients for {minutes:g} min, {len(records)} requests",
+             "", f"{'move':20s} {'sent':>6s}  outcomes"]
+    by_move = defaultdict(Counter)
+    for r in records:
+        by_move[r["move"]][r["outcome"]] += 1
+    for name in (m[1] for m in MOVES):
+        outcomes = ", ".join(f"{k} ×{v}" for k, v in by_move[name].most_common())
+        lines.append(f"{name:20s} {sum(by_move[name].values()):6d}  {outcomes}")
+    lines += ["", "latency of normal requests (s)      p50     p95",
+              f"{'alone (idle app)':34s} {percentile(alone, .5):6.2f} {percentile(alone, .95):7.2f}",
+              f"{'under the soak':34s} {percentile(loaded, .5):6.2f} {percentile(loaded, .95):7.2f}"]
+    for name, values in normal.items():
+        lines.append(f"{'  ' + name:34s} {percentile(values, .5):6.2f} {percentile(values, .95):7.2f}")
+    ratio = percentile(loaded, .95) / percentile(alone, .95) if alone and loaded else float("nan")
+    rss = [m for _, m in memory]
+    third = max(1, len(rss) // 3)
+    lines += [f"p95 under the soak / p95 alone: {ratio:.2f}x", "",
+              f"resident memory (MB): start {rss[0]:.0f}, peak {max(rss):.0f}, end {rss[-1]:.0f}; "
+              f"mean of the first third {statistics.mean(rss[:third]):.0f}, of the last third "
+              f"{statistics.mean(rss[-third:]):.0f}" if rss else "resident memory: not measured",
+              f"stuck clients: {sum(r['outcome'] == 'STUCK' for r in records)}; app crashed: {crashed}; "
+              f"still answering at the end: {answering}"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--model", help="a local checkpoint (default: the random-weight demo model)")
+    p.add_argument("--baseline", type=int, default=12, help="normal requests measured on the idle app first")
+    p.add_argument("--json", help="also write every request's record here")
+    args = p.parse_args(argv)
+    if args.minutes <= 0 or args.clients < 1 or args.baseline < 1:
+        p.error("--minutes, --clients and --baseline must be positive")
+    app = App(args.model)
+    memory: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(5.0):
+            memory.append((time.monotonic(), app.rss_mb()))
+
+    try:
+        app.wait_ready()
+        alone = asyncio.run(baseline(app.url, args.baseline))
+        memory.append((time.monotonic(), app.rss_mb()))
+        threading.Thread(target=sample, daemon=True).start()
+        records: list = []
+        until = time.monotonic() + args.minutes * 60
+
+        async def soak() -> None:
+            await asyncio.gather(*(client(app.url, seed, until, records) for seed in range(args.clients)))
+
+        asyncio.run(soak())
+        done.set()
+        crashed = app.process.poll() is not None
+        answering = not crashed and still_answers(app.url)
+        memory.append((time.monotonic(), app.rss_mb()))
+    except RuntimeError as e:
+        print(f"python -m app.soak: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        done.set()
+        app.stop()
+    print(report(records, alone, memory, answering, crashed, args.minutes, args.clients))
+    tracebacks = app.log.read_text(errors="replace").count("Traceback")
+    print(f"tracebacks in the app's log: {tracebacks} ({app.log})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"records": records, "alone": alone, "memory": memory}, indent=1))
+    stuck = any(r["outcome"] == "STUCK" for r in records)
+    return 0 if answering and not stuck and not crashed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

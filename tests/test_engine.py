@@ -1,0 +1,216 @@
+"""The continuous-batching engine: rows joining and leaving, each equal to its prompt generated alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import lfm_mlx
+from conftest import ban, forcing
+from lfm_mlx.constrain import JSONConstraint
+from lfm_mlx.engine import Engine, Request
+from lfm_mlx.sample import SamplingSettings
+
+GREEDY = SamplingSettings(temperature=0.0, repetition_penalty=1.0)
+EOS = 7
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, 60000, size=int(rng.integers(3, 90))).tolist() for _ in range(n)]
+
+
+def alone(model, tok, request: Request) -> list[int]:
+    return [r.token for r in Engine(model, tok, max_batch=1).submit(request)]
+
+
+def staggered(engine: Engine, requests: list[Request], gaps: list[int]) -> list[list[int]]:
+    """Submit each request after ``gaps[i]`` more engine steps, then run everything to the end."""
+    generations = []
+    for request, gap in zip(requests, gaps):
+        for _ in range(gap):
+            engine.step()
+        generations.append(engine.submit(request))
+    return [[r.token for r in g] for g in generations]
+
+
+def test_rows_joining_at_different_steps_equal_each_prompt_alone(tiny):
+    model, tok = tiny
+    requests = [Request(p, max_tokens=12 + 3 * i, sampling=GREEDY, logits_processors=[ban(EOS)])
+                for i, p in enumerate(prompts(6))]
+    together = staggered(Engine(model, tok, max_batch=4, interleave_tokens=16), requests, [0, 0, 3, 1, 5, 0])
+    assert together == [alone(model, tok, r) for r in requests]
+    assert len({tuple(t) for t in together}) == len(requests)
+
+
+@pytest.mark.parametrize("cache_options", [dict(max_kv_size=48), dict(kv_bits=8), dict(max_kv_size=40, kv_bits=4)])
+def test_rows_with_their_own_windows_and_kv_bits_equal_each_alone(tiny, cache_options):
+    model, tok = tiny
+    rng = np.random.default_rng(1)
+    requests = [Request(p, max_tokens=40, sampling=GREEDY, logits_processors=[ban(EOS)],
+                        **(cache_options if i % 2 else {}))
+                for i, p in enumerate(rng.integers(100, 60000, size=(4, 30)).tolist())]
+    together = staggered(Engine(model, tok, max_batch=4), requests, [0, 2, 0, 7])
+    assert together == [alone(model, tok, r) for r in requests]
+
+
+def test_rows_with_json_constraints_equal_each_alone(tiny):
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["name", "n"]}
+
+    def request(p):
+        c = JSONConstraint(tok, schema, vocab_size=model.args.vocab_size, max_tokens=40)
+        return Request(p, max_tokens=40, sampling=GREEDY, logits_processors=[c])
+
+    ps = prompts(3, seed=2)
+    together = staggered(Engine(model, tok), [request(p) for p in ps], [0, 1, 2])
+    assert together == [alone(model, tok, request(p)) for p in ps]
+    import json
+    for tokens in together:
+        data = json.loads(tok.decode([t for t in tokens if t != EOS]))
+        assert set(data) == {"name", "n"}
+
+
+def test_seeded_sampling_reproduces_whatever_runs_beside_it(tiny):
+    model, tok = tiny
+    hot = SamplingSettings(temperature=1.0, top_k=0, repetition_penalty=1.0)
+    target = Request(prompts(1, seed=3)[0], max_tokens=20, sampling=hot, seed=42, logits_processors=[ban(EOS)])
+    solo = alone(model, tok, target)
+    others = [Request(p, max_tokens=15, sampling=SamplingSettings(temperature=0.7), seed=i)
+              for i, p in enumerate(prompts(3, seed=4))]
+    batched = staggered(Engine(model, tok), [others[0], target, *others[1:]], [0, 2, 0, 1])[1]
+    assert batched == solo
+    other_seed = alone(model, tok, Request(target.prompt, max_tokens=20, sampling=hot, seed=43,
+                                           logits_processors=[ban(EOS)]))
+    assert other_seed != solo
+
+
+def test_a_cancelled_row_leaves_within_a_step_and_the_others_go_on(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok)
+    keep = engine.submit(Request(prompts(1)[0], max_tokens=30, sampling=GREEDY, logits_processors=[ban(EOS)]))
+    drop = engine.submit(Request(prompts(1, seed=5)[0], max_tokens=10_000, sampling=GREEDY,
+                                 logits_processors=[ban(EOS)]))
+    for _ in range(4):
+        engine.step()
+    drop.cancel()
+    engine.step()
+    assert len(engine.running) == 1 and drop.finished
+    assert len([r for r in keep]) == 30
+
+
+def test_a_failing_processor_ends_only_its_own_row(tiny):
+    model, tok = tiny
+
+    def broken(history, logits):
+        raise RuntimeError("grammar went wrong")
+
+    engine = Engine(model, tok)
+    good = engine.submit(Request(prompts(1)[0], max_tokens=8, sampling=GREEDY, logits_processors=[ban(EOS)]))
+    bad = engine.submit(Request(prompts(1, seed=6)[0], max_tokens=8, sampling=GREEDY, logits_processors=[broken]))
+    with pytest.raises(RuntimeError, match="grammar went wrong"):
+        list(bad)
+    assert len(list(good)) == 8
+    assert len(list(engine.submit(Request([5, 6, 7], max_tokens=3, sampling=GREEDY)))) >= 1
+
+
+def test_logprobs_are_the_models_log_softmax(tiny):
+    model, tok = tiny
+    prompt = prompts(1, seed=7)[0]
+    responses = list(Engine(model, tok).submit(Request(prompt, max_tokens=4, sampling=GREEDY, logprobs=3,
+                                                       logits_processors=[ban(EOS)])))
+    ids = list(prompt)
+    for r in responses:
+        logits = model(mx.array([ids]))[0, -1]
+        expected = np.array(logits - mx.logsumexp(logits))
+        assert r.logprob == pytest.approx(float(expected[r.token]), abs=1e-4)
+        top_ids = [t for t, _ in r.top_logprobs]
+        assert top_ids == list(np.argsort(-expected)[:3])
+        assert [lp for _, lp in r.top_logprobs] == pytest.approx(sorted(expected, reverse=True)[:3], abs=1e-4)
+        ids.append(r.token)
+
+
+def test_prefix_cache_reuses_a_shared_prefix_at_a_snapshot_and_changes_nothing(tiny):
+    model, tok = tiny
+    shared = prompts(1, seed=8)[0] + prompts(1, seed=9)[0]
+    first = shared + [11, 12, 13]
+    second = shared + [21, 22]
+    engine = Engine(model, tok, prefix_cache_bytes=64 << 20)
+    list(engine.submit(Request(first, max_tokens=5, sampling=GREEDY, checkpoints=[len(shared)])))
+    responses = list(engine.submit(Request(second, max_tokens=6, sampling=GREEDY, logits_processors=[ban(EOS)])))
+    assert responses[-1].cached_tokens == len(shared)
+    assert [r.token for r in responses] == alone(model, tok, Request(second, max_tokens=6, sampling=GREEDY,
+                                                                        logits_processors=[ban(EOS)]))
+    again = list(engine.submit(Request(second, max_tokens=6, sampling=GREEDY, logits_processors=[ban(EOS)])))
+    assert again[-1].cached_tokens == len(second) - 1  # the snapshot before its last prompt token
+
+
+def test_prefix_cache_stays_within_its_byte_budget(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, prefix_cache_bytes=2 << 20)
+    for p in prompts(12, seed=10):
+        list(engine.submit(Request(p * 4, max_tokens=2, sampling=GREEDY)))
+    assert 0 < engine.prefix_cache.nbytes <= 2 << 20
+
+
+def test_snapshot_inside_a_prefill_chunk_equals_one_taken_at_a_chunk_boundary(tiny):
+    model, tok = tiny
+    prompt = np.random.default_rng(11).integers(100, 60000, size=120).tolist()
+    inside, split = lfm_mlx.PromptCache(model), lfm_mlx.PromptCache(model)
+    list(Engine(model, tok, prefill_step_size=4096).submit(
+        Request(prompt, max_tokens=1, sampling=GREEDY, prompt_cache=inside, checkpoints=[50])))
+    from lfm_mlx.generate import prefill
+    prefill(model, split, prompt[:50])
+    at_50 = inside.snapshots[50]
+    expected = [getattr(c, "state", None) for c in split.layers]
+    for got, want in zip(at_50.conv_states, expected):
+        if want is not None:
+            assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
+    assert set(at_50.offsets) == {50}
+
+
+def test_invalid_requests_are_refused_before_they_are_queued(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok)
+    for bad, message in [(dict(prompt=[]), "empty"), (dict(prompt=[70000]), "token ids"),
+                         (dict(prompt=[5], max_tokens=0), "max_tokens"),
+                         (dict(prompt=[5], sampling=SamplingSettings(top_k=100_000)), "top_k"),
+                         (dict(prompt=[5], logprobs=50), "logprobs")]:
+        with pytest.raises(ValueError, match=message):
+            engine.submit(Request(**bad))
+    assert engine.occupancy == (0, 0)
+
+
+def test_threaded_engine_serves_concurrent_callers_without_cross_talk(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=8).start()
+    requests = [Request(p, max_tokens=10, sampling=GREEDY, logits_processors=[ban(EOS)]) for p in prompts(8, seed=12)]
+    results: dict[int, list[int]] = {}
+
+    def client(i):
+        results[i] = [r.token for r in engine.submit(requests[i])]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(8)] == [alone(model, tok, r) for r in requests]
+    # A job runs on the engine's thread, between steps.
+    assert engine.call(threading.current_thread).name == "lfm-mlx-engine"
+    engine.stop()
+    assert not engine.threaded
+
+
+def test_forced_tokens_stream_as_text_with_stop_strings(tiny):
+    model, tok = tiny
+    text = "alpha beta STOP gamma"
+    ids = tok.encode(text, add_special_tokens=False)
+    r = list(Engine(model, tok).submit(Request([5, 6], max_tokens=40, sampling=GREEDY, stop=["STOP"],
+                                               logits_processors=[forcing(ids)])))
+    assert "".join(x.text for x in r) == "alpha beta " and r[-1].finish_reason == "stop"
