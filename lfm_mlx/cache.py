@@ -39,7 +39,8 @@ class ConvCache:
     def state_after(self, fed: int, kept: int) -> mx.array:
         """The state after the first ``kept`` of the last call's ``fed`` tokens (needs ``keep_window``)."""
         width = self.state.shape[1]
-        return self.state if kept == fed else self.window[:, kept : kept + width]
+        # A copy: a slice would keep the whole window's buffer alive as long as the state.
+        return self.state if kept == fed else mx.contiguous(self.window[:, kept : kept + width])
 
     @property
     def nbytes(self) -> int:
@@ -251,7 +252,9 @@ class PromptCache:
         """Snapshot the state after ``at`` tokens (default: all); a position inside the last call
         needs its conv layers to have kept their window."""
         at = len(self.tokens) if at is None else at
-        self.snapshots[at] = snapshot(self.layers, back=len(self.tokens) - at)
+        self.snapshots[at] = snap = snapshot(self.layers, back=len(self.tokens) - at)
+        # Evaluated now: unevaluated, a state would keep its whole prompt chunk's graph alive.
+        mx.async_eval(*[a for a in snap.conv_states if a is not None])
         while len(self.snapshots) > self.max_snapshots:
             del self.snapshots[min(self.snapshots)]
 
@@ -381,6 +384,10 @@ class PrefixCache:
         self.nbytes += size
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
 
     def _remove(self, key: int) -> None:
         self.nbytes -= self._entries.pop(key)[2]

@@ -128,7 +128,9 @@ class ShortConv(nn.Module):
             state = cache.state
         window = mx.concatenate([state, bx], axis=1)
         if cache is not None:
-            cache.state = window[:, window.shape[1] - (self.kernel_size - 1) :]
+            last = window[:, window.shape[1] - (self.kernel_size - 1) :]
+            # After a prompt chunk, a copy: a slice would keep the chunk's whole window alive.
+            cache.state = mx.contiguous(last) if bx.shape[1] > 1 else last
             cache.offset += bx.shape[1]
             if cache.keep_window:
                 cache.window = window

