@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 STYLE = Path(__file__).with_name("style.css")
+MAX_SESSIONS = 100  # browser tabs and API clients whose state the app keeps; the oldest go first
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,6 +66,9 @@ def main(argv=None) -> int:
     from .ui import build
 
     page = build(runtime)
+    # Gradio keeps each session's state, and the inputs of its calls, in memory: every API client is a
+    # session, so without a bound a stream of clients (say, 1 MB documents) grows the process forever.
+    page.state_session_capacity = MAX_SESSIONS
     page.queue(default_concurrency_limit=None)  # model events share their own pool of slots (see ui.build)
     limits = Limits(context=runtime.context, max_tokens=MAX_REPLY_TOKENS)  # the same limits as the UI's
     api = create_app(Server(runtime.engine, choice.name, limits=limits, kv_bits=args.kv_bits,

@@ -226,20 +226,20 @@ async def client(url: str, seed: int, until: float, records: list) -> None:
             records.append({"move": name, "normal": normal, "outcome": outcome, "seconds": time.monotonic() - start})
 
 
-async def baseline(url: str, n: int) -> list[float]:
-    """Normal chats and extractions one at a time on an idle app: the unloaded latency."""
-    rng, times = random.Random(0), []
+async def baseline(url: str, n: int) -> dict[str, list[float]]:
+    """Normal chats and extractions, ``n`` of each, one at a time on an idle app: the unloaded latency."""
+    rng, times = random.Random(0), defaultdict(list)
     async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S) as http:
-        for i in range(n):
+        for i in range(2 * n):
             start = time.monotonic()
-            if i % 3 == 2:
-                outcome = await asyncio.to_thread(normal_extraction, url, rng)
+            if i % 2:
+                name, outcome = "normal extraction", await asyncio.to_thread(normal_extraction, url, rng)
             else:
-                outcome = await normal_chat(http, rng)
+                name, outcome = "normal chat", await normal_chat(http, rng)
             if outcome != "ok":
                 raise RuntimeError(f"a normal request failed on the idle app: {outcome}")
-            times.append(time.monotonic() - start)
-    return times
+            times[name].append(time.monotonic() - start)
+    return dict(times)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -256,13 +256,12 @@ def still_answers(url: str) -> bool:
         return False
 
 
-def report(records: list, alone: list[float], memory: list[tuple[float, float]], answering: bool,
+def report(records: list, alone: dict[str, list[float]], memory: list[tuple[float, float]], answering: bool,
            crashed: bool, minutes: float, clients: int) -> str:
     normal = defaultdict(list)
     for r in records:
         if r["normal"] and r["outcome"] == "ok":
             normal[r["move"]].append(r["seconds"])
-    loaded = [s for v in normal.values() for s in v]
     lines = [f"soak: {clients} clients for {minutes:g} min, {len(records)} requests",
              "", f"{'move':20s} {'sent':>6s}  outcomes"]
     by_move = defaultdict(Counter)
@@ -271,15 +270,16 @@ def report(records: list, alone: list[float], memory: list[tuple[float, float]],
     for name in (m[1] for m in MOVES):
         outcomes = ", ".join(f"{k} ×{v}" for k, v in by_move[name].most_common())
         lines.append(f"{name:20s} {sum(by_move[name].values()):6d}  {outcomes}")
-    lines += ["", "latency of normal requests (s)      p50     p95",
-              f"{'alone (idle app)':34s} {percentile(alone, .5):6.2f} {percentile(alone, .95):7.2f}",
-              f"{'under the soak':34s} {percentile(loaded, .5):6.2f} {percentile(loaded, .95):7.2f}"]
-    for name, values in normal.items():
-        lines.append(f"{'  ' + name:34s} {percentile(values, .5):6.2f} {percentile(values, .95):7.2f}")
-    ratio = percentile(loaded, .95) / percentile(alone, .95) if alone and loaded else float("nan")
+    lines += ["", f"latency of normal requests (s)  {'alone p50':>9s} {'p95':>6s}  {'soak p50':>8s} {'p95':>6s}  "
+              f"{'p95 ratio':>9s}"]
+    ratios = []
+    for name in alone:
+        ratios.append(percentile(normal[name], .95) / percentile(alone[name], .95))
+        lines.append(f"{name:31s} {percentile(alone[name], .5):9.2f} {percentile(alone[name], .95):6.2f}  "
+                     f"{percentile(normal[name], .5):8.2f} {percentile(normal[name], .95):6.2f}  {ratios[-1]:8.2f}x")
     rss = [m for _, m in memory]
     third = max(1, len(rss) // 3)
-    lines += [f"p95 under the soak / p95 alone: {ratio:.2f}x", "",
+    lines += [f"worst p95 under the soak / p95 alone: {max(ratios):.2f}x", "",
               f"resident memory (MB): start {rss[0]:.0f}, peak {max(rss):.0f}, end {rss[-1]:.0f}; "
               f"mean of the first third {statistics.mean(rss[:third]):.0f}, of the last third "
               f"{statistics.mean(rss[-third:]):.0f}" if rss else "resident memory: not measured",
@@ -293,7 +293,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--model", help="a local checkpoint (default: the random-weight demo model)")
-    p.add_argument("--baseline", type=int, default=12, help="normal requests measured on the idle app first")
+    p.add_argument("--baseline", type=int, default=10, help="normal chats and extractions (each) measured on the idle app first")
     p.add_argument("--json", help="also write every request's record here")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1 or args.baseline < 1:
