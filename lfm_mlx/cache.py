@@ -386,6 +386,7 @@ class PrefixCache:
             self._remove(next(iter(self._entries)))
 
     def clear(self) -> None:
+        """Drop every entry, freeing its memory."""
         self._entries.clear()
         self.nbytes = 0
 
