@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from typing import Optional
 
 import httpx
 
+from lfm_mlx.bench_serve import free_port, process_memory_mb, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 2048  # the app's --max-kv-size: long enough for chats, short enough that floods are refused fast
 DEADLINE_S = 120.0  # a request still unanswered after this is a stuck client
@@ -42,12 +43,6 @@ CYCLIC_SCHEMA = {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "
                  "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"$ref": "#/$defs/A"}}}
 WORDS = "invoice total paid order customer shipped city street date amount note report item".split()
 MB = "word " * 200_000  # 1 MB of text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class App:
@@ -66,26 +61,10 @@ class App:
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the app exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the app did not start within {timeout:.0f} s")
+        wait_healthy(self.process, self.url, self.log, "the app", timeout)
 
     def rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")  # no /proc (macOS): not measured
+        return process_memory_mb(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -184,6 +184,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(process: subprocess.Popen, url: str, log: Path, name: str, timeout: float) -> None:
+    """Until ``url``/health answers 200; an error with the log's tail if the process exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} did not start in {timeout:.0f} s")
+
+
+def process_memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status memory line (VmRSS: resident now, VmHWM: its peak) in MB; NaN without /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")  # no /proc (macOS): not measured
+
+
 class ServerProcess:
     """A server on a loopback port, started and stopped by the benchmark."""
 
@@ -200,28 +228,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 600) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not start in {timeout:.0f} s")
+        wait_healthy(self.process, self.url, Path(self.log.name), self.name, timeout)
 
     def peak_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")  # no /proc (macOS): not measured
+        return process_memory_mb(self.process.pid, "VmHWM")
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
