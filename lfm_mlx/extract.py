@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 import jsonschema
 from tqdm import tqdm
 
+from .cache import DEFAULT_MAX_KV_SIZE
 from .constrain import JSONConstraint, SchemaError, check_schema
 from .engine import Cancelled, Engine, GenerationResponse, Request
 from .generate import encode_prompt, message_starts, sampling_settings
@@ -43,6 +44,20 @@ PREFIX_CACHE_BYTES = 64 << 20  # the system prompt and schema, prefilled once fo
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "assets" / "schemas"
 SYSTEM_PROMPT = ("Identify and extract information matching the following schema. "
                  "Return data as a JSON object. Missing data should be omitted.")
+SCHEMA_PROMPT_CHARS = 16_000  # past this, the prompt shows a compact schema (the grammar enforces all of it)
+DESCRIPTION_CHARS = 120  # the second compaction keeps this much of each description
+MIN_DOCUMENT_TOKENS = 256  # the least room a prompt must leave for the document
+# What the prompt's compact schema keeps: keywords that say what a valid document is, and descriptions.
+VALIDATION_KEYWORDS = frozenset({
+    "type", "enum", "const", "required", "pattern", "format", "minLength", "maxLength", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "uniqueItems", "minProperties",
+    "maxProperties", "dependentRequired", "$ref", "description", "minContains", "maxContains"})
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+SUBSCHEMA = frozenset({"items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+                       "additionalItems", "unevaluatedProperties", "unevaluatedItems"})
+SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
+SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
+                            "dependencies"})
 
 __all__ = ["Extraction", "ExtractionStats", "SchemaError", "extract", "extract_many", "main"]
 
@@ -95,7 +110,7 @@ def build_messages(schema: dict, instructions: Optional[str] = None,
                    examples: Optional[Sequence[tuple[str, Any]]] = None) -> list[dict]:
     """The system prompt and few-shot turns; the document goes in a final user turn."""
     system = SYSTEM_PROMPT + (f"\n{instructions.strip()}" if instructions and instructions.strip() else "")
-    system += "\n\nSchema:\n" + json.dumps(schema, ensure_ascii=False)
+    system += "\n\nSchema:\n" + schema_for_prompt(schema)
     messages = [{"role": "system", "content": system}]
     validator = _validator(schema)
     for i, example in enumerate(examples or ()):
@@ -108,6 +123,71 @@ def build_messages(schema: dict, instructions: Optional[str] = None,
         messages += [{"role": "user", "content": text},
                      {"role": "assistant", "content": json.dumps(data, ensure_ascii=False)}]
     return messages
+
+
+def schema_for_prompt(schema: dict, budget: int = SCHEMA_PROMPT_CHARS) -> str:
+    """The schema as the system prompt shows it: whole when it fits `budget` characters; else without
+    annotations and unused definitions, then with descriptions cut short, then with none, then
+    shallower (deep parts reduced to their type). A 300 KB Kubernetes schema would otherwise cost ~50k
+    prompt tokens; the grammar enforces every part of it anyway."""
+    whole = json.dumps(schema, ensure_ascii=False)
+    if len(whole) <= budget:
+        return whole
+    levels = [(description, None) for description in (DESCRIPTION_CHARS * 100, DESCRIPTION_CHARS, 0)]
+    levels += [(0, depth) for depth in (12, 8, 6, 4, 3, 2)]
+    for description, depth in levels:
+        text = json.dumps(_without_unused_definitions(_compact(schema, description, depth)),
+                          ensure_ascii=False, separators=(",", ":"))
+        if len(text) <= budget:
+            break
+    return text
+
+
+def _compact(node: Any, description: int, depth: Optional[int]) -> Any:
+    """`node` with only validation keywords and descriptions cut to `description` characters; past
+    `depth` levels of subschemas, only a schema's type or reference."""
+    if not isinstance(node, dict):
+        return node
+    if depth == 0:
+        return {key: node[key] for key in ("type", "$ref") if key in node}
+    deeper = None if depth is None else depth - 1
+    out: dict = {}
+    for key, value in node.items():
+        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _compact(sub, description, deeper) for name, sub in value.items()}
+        elif key in SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_compact(sub, description, deeper) for sub in value]
+        elif key in SUBSCHEMA:
+            out[key] = _compact(value, description, deeper)
+        elif key == "description":
+            if description and isinstance(value, str):
+                out[key] = value if len(value) <= description else value[:description].rstrip() + "…"
+        elif key in VALIDATION_KEYWORDS:
+            out[key] = value
+    return out
+
+
+def _without_unused_definitions(schema: Any) -> Any:
+    """`schema` keeping only the root's definitions reachable from its body by local `$ref`s (all of
+    them when some reference has another form)."""
+    if not isinstance(schema, dict):
+        return schema
+    defs = {(key, name): sub for key in ("$defs", "definitions") if isinstance(schema.get(key), dict)
+            for name, sub in schema[key].items()}
+    used: set = set()
+    pending = [{key: value for key, value in schema.items() if key not in ("$defs", "definitions")}]
+    while pending:
+        for ref in re.findall(r'"\$ref": "([^"]*)"', json.dumps(pending.pop())):
+            parts = [part.replace("~1", "/").replace("~0", "~") for part in ref.split("/")]
+            if len(parts) < 3 or parts[0] != "#" or (parts[1], parts[2]) not in defs:
+                if ref != "#":
+                    return schema
+                continue
+            if (parts[1], parts[2]) not in used:
+                used.add((parts[1], parts[2]))
+                pending.append(defs[parts[1], parts[2]])
+    return {key: ({name: sub for name, sub in value.items() if (key, name) in used}
+                  if key in ("$defs", "definitions") else value) for key, value in schema.items()}
 
 
 def _validator(schema: dict) -> jsonschema.protocols.Validator:
@@ -298,6 +378,20 @@ def _prepare(schema: dict | type, instructions: Optional[str], examples: Optiona
     return schema, build_messages(schema, instructions, examples)
 
 
+def _document_room(model, tokenizer, messages: list[dict], max_tokens: int) -> int:
+    """Tokens of the context left for a document beside the schema, examples and reply; SchemaError
+    when that is under MIN_DOCUMENT_TOKENS."""
+    context = min(model.args.max_position_embeddings, DEFAULT_MAX_KV_SIZE)
+    prompt = len(encode_prompt(tokenizer, messages + [{"role": "user", "content": ""}]))
+    room = context - prompt - max_tokens
+    if room < MIN_DOCUMENT_TOKENS:
+        raise SchemaError(f"the schema (compacted) and examples take {prompt:,} prompt tokens and the reply up to "
+                          f"{max_tokens:,}, leaving {max(room, 0):,} of the {context:,}-token context for the "
+                          f"document (at least {MIN_DOCUMENT_TOKENS} needed): use a smaller schema, fewer "
+                          "examples or a lower max_tokens")
+    return room
+
+
 def _chunk_prompts(tokenizer, messages: list[dict], text: str, context_budget: int) -> list[list[dict]]:
     """One conversation per chunk of `text`: the shared turns, then the chunk as the user turn."""
     def count(s: str) -> int:
@@ -349,6 +443,7 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
     schema, messages = _prepare(schema, instructions, examples, max_tokens)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
+    context_budget = min(context_budget, _document_room(model, tokenizer, messages, max_tokens))
     engine = engine or Engine(model, tokenizer, max_batch=batch_size, prefix_cache_bytes=PREFIX_CACHE_BYTES)
     results: list[Optional[Extraction]] = [None if _text_problem(t) is None else Extraction.failed(_text_problem(t))
                                            for t in texts]

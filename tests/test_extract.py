@@ -22,8 +22,8 @@ from conftest import forcing, require_shared
 from lfm_mlx.constrain import SUPPORTED_KEYWORDS, JSONConstraint, SchemaError
 from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import (
-    SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract, extract_many, main, merge, merge_all,
-    split_text)
+    DESCRIPTION_CHARS, SCHEMA_PROMPT_CHARS, SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract,
+    extract_many, main, merge, merge_all, schema_for_prompt, split_text)
 from lfm_mlx.grounding import Grounder, ground, string_leaves
 from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS
 
@@ -196,6 +196,47 @@ def test_prompt_states_task_schema_instructions_and_examples_as_turns():
     assert system.endswith("Schema:\n" + json.dumps(schema, ensure_ascii=False))
     assert messages[1:] == [{"role": "user", "content": example[0]},
                             {"role": "assistant", "content": json.dumps(example[1])}]
+
+
+def test_a_large_schema_is_compacted_in_the_prompt_and_still_enforced_whole(tiny):
+    described = {"type": "string", "maxLength": 20, "description": "A long explanation. " * 40,
+                 "examples": ["x"], "default": "none"}
+    schema = {"type": "object", "title": "Big", "required": ["p0"],
+              "properties": {"p0": {"$ref": "#/$defs/Used"}, **{f"p{i}": described for i in range(1, 40)}},
+              "$defs": {"Used": {"type": "integer", "minimum": 0, "maximum": 9, "description": "kept"},
+                        "Unused": described}}
+    assert len(json.dumps(schema)) > SCHEMA_PROMPT_CHARS
+    shown_text = schema_for_prompt(schema)
+    shown = json.loads(shown_text)
+    assert len(shown_text) <= SCHEMA_PROMPT_CHARS
+    assert list(shown["properties"]) == list(schema["properties"]) and shown["required"] == ["p0"]
+    assert shown["$defs"] == {"Used": schema["$defs"]["Used"]} and "title" not in shown
+    short = described["description"][:DESCRIPTION_CHARS].rstrip() + "…"
+    assert all(p == {"type": "string", "maxLength": 20, "description": short}
+               for name, p in shown["properties"].items() if name != "p0")
+    small = PRESETS["contact_card"]
+    assert schema_for_prompt(small) == json.dumps(small, ensure_ascii=False)
+    model, tok = tiny
+    result = extract(model, tok, "p0 is 7.", schema, max_tokens=96)
+    assert result.valid, result.error
+    jsonschema.validate(result.data, schema)
+
+
+def test_real_world_schemas_fit_the_prompt_compacted():
+    """The dev set's 150 KB Kubernetes schema shows in under the budget; none stays over 48k characters."""
+    files = sorted((require_shared().parent / "schemas-dev").glob("*/*.json"))
+    sizes = {f.name: len(schema_for_prompt(json.loads(f.read_text(encoding="utf-8")))) for f in files}
+    assert len(sizes) > 200 and max(sizes.values()) < 48_000
+    assert sizes["kb_805_Normalized.json"] <= SCHEMA_PROMPT_CHARS
+
+
+def test_a_schema_leaving_no_room_for_the_document_is_refused_naming_the_sizes(tiny, monkeypatch):
+    model, tok = tiny
+    monkeypatch.setattr(model.args, "max_position_embeddings", 700)
+    with pytest.raises(SchemaError, match=r"take \d+ prompt tokens and the reply up to 512, leaving 0 of the "
+                                          r"700-token context for the document \(at least 256 needed\)"):
+        extract(model, tok, "text", PRESETS["contact_card"], max_tokens=512)
+    assert extract(model, tok, "Bo", PRESETS["contact_card"], max_tokens=48).valid
 
 
 def test_bad_schema_or_examples_fail_before_any_generation(tiny):
