@@ -16,7 +16,7 @@ MAX_SESSIONS = 100  # browser tabs and API clients whose state the app keeps; th
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from lfm_mlx.demo import DEFAULT_MODEL
+    from lfm_mlx.resolve import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="python -m app", description="Chat and structured extraction with LFM2 on MLX.")
     p.add_argument("--model", help=f"hub id or local directory (default {DEFAULT_MODEL}, converted once to "
@@ -44,7 +44,7 @@ def theme(gr):
 def main(argv=None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    from lfm_mlx.demo import resolve_model
+    from lfm_mlx.resolve import resolve_model
 
     from . import MAX_REPLY_TOKENS, Runtime
 

@@ -733,7 +733,7 @@ def _exit_code(stopped: BaseException) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .demo import DEFAULT_MODEL, resolve_model
+    from .resolve import DEFAULT_MODEL, resolve_model
     from .loading import load
 
     parser = argparse.ArgumentParser(prog="python -m lfm_mlx.extract",

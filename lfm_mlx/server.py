@@ -269,7 +269,7 @@ def context_limit(model, max_kv_size: Optional[int]) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .demo import DEFAULT_MODEL
+    from .resolve import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="python -m lfm_mlx.server",
                                 description="An OpenAI-compatible server for LFM2 on MLX, with continuous batching.")
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from .demo import resolve_model
+    from .resolve import resolve_model
     from .loading import load
 
     try:
