@@ -483,8 +483,9 @@ def build(runtime: Runtime) -> gr.Blocks:
                                              buttons=["copy", "copy_all"], feedback_options=None,
                                              placeholder="Ask anything. Replies stream here with their stats.")
                         with gr.Row(equal_height=True):
+                            # lines=1: Gradio sends on Enter only from a one-line box (it still grows to max_lines)
                             message = gr.Textbox(show_label=False, placeholder="Message (Enter sends, Shift+Enter: new line)",
-                                                 lines=2, max_lines=10, scale=6, elem_id="message", autofocus=True)
+                                                 lines=1, max_lines=10, scale=6, elem_id="message", autofocus=True)
                             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                             stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                         context = gr.HTML(meter(0, runtime.max_kv_size), elem_id="context")

@@ -132,6 +132,23 @@ def test_chat_streams_and_the_page_keeps_up_with_a_2000_token_reply(page):
     assert stats["lag"] < 5.0  # generous: a shared 2-core CI box; on a quiet machine it is ~0.1-0.3 s
 
 
+def test_enter_sends_and_shift_enter_breaks_the_line(page):
+    before = page.evaluate(f"""() => {{
+        const s = ({LAST_BOT})()?.querySelector('.reply-stats');
+        return s ? Date.parse(s.title.replace('finished at ', '')) / 1000 : 0; }}""")
+    page.fill("#max-tokens input", "8")
+    box = page.locator("#message textarea")
+    box.click()
+    page.keyboard.type("First line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    assert box.input_value() == "First line\nsecond line"
+    page.keyboard.press("Enter")
+    stats = wait_for_stats(page, before)
+    assert "8 tokens" in stats["text"] and box.input_value() == ""
+    assert page.locator("[data-testid=user]").last.inner_text().split() == ["First", "line", "second", "line"]
+
+
 def test_stop_halts_the_reply_at_once(page):
     page.click("#clear")
     page.wait_for_function("() => document.querySelectorAll('[data-testid=bot]').length === 0")
