@@ -163,7 +163,7 @@ def slider_value(name: str, value: float) -> float:
 
 def slider(name: str, label: str, value: float) -> gr.Slider:
     low, high, step = SLIDERS[name]
-    return gr.Slider(low, high, step=step, label=label, value=slider_value(name, value))
+    return gr.Slider(low, high, step=step, label=label, value=slider_value(name, value), elem_id=f"slider-{name}")
 
 
 def meter(used: int, window: Optional[int]) -> str:
@@ -571,6 +571,7 @@ def build(runtime: Runtime) -> gr.Blocks:
             options = sampling_options(runtime, room, *sampling)
             state.session.system = system_text.strip() or None
             state.session.tools = tool_list
+            state.session.sampling = {name: options[name] for name in SLIDERS}  # what an export records
             return options, "tool" if tool_role else "user"
 
         def turn(state: ChatState, start) -> Iterator[tuple[str, Any]]:
@@ -660,7 +661,7 @@ def build(runtime: Runtime) -> gr.Blocks:
             old, state.session = state.session, runtime.new_session()
             state.stats.clear()
             runtime.submit(old.reset)  # its arrays are freed on the engine's thread
-            return [], "", session_meter(state)
+            return [], "", session_meter(state), gr.File(value=None, visible=False)
 
         @soft(1)
         def export(request: gr.Request):
@@ -706,8 +707,8 @@ def build(runtime: Runtime) -> gr.Blocks:
         stop_btn.click(stop, None, [chatbot, context], cancels=chat_events, queue=False, **PRIVATE)
         undo_btn.click(undo, None, chat_out, **FREE, **PRIVATE)
         chatbot.undo(undo, None, chat_out, **FREE, **PRIVATE)
-        clear_btn.click(clear, None, chat_out, **FREE, **PRIVATE)
-        chatbot.clear(clear, None, chat_out, **FREE, **PRIVATE)
+        clear_btn.click(clear, None, [*chat_out, export_file], **FREE, **PRIVATE)
+        chatbot.clear(clear, None, [*chat_out, export_file], **FREE, **PRIVATE)
         export_btn.click(export, None, export_file, **FREE, **PRIVATE)
         import_btn.upload(import_chat, import_btn, [chatbot, context, system, tools, temperature, top_p, top_k,
                                                      min_p, repetition], **FREE, **PRIVATE)

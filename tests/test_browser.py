@@ -197,11 +197,20 @@ def upload(page, button: str, *files: Path) -> None:
 
 
 def test_export_then_import_a_conversation(page, tmp_path):
+    page.fill("#slider-temperature input[type=number]", "0.55")
+    page.press("#slider-temperature input[type=number]", "Tab")
+    before = wait_for_stats(page)
+    send(page, "Once more.", 5)
+    wait_for_stats(page, before["at"])
     page.click("#export")
     link = page.wait_for_selector("#export-file a[href*='.json']")
     saved = page.request.get(link.get_attribute("href")).json()
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"] * 3
     assert saved["system"] == "You are a concise assistant."
+    assert saved["sampling"]["temperature"] == 0.55 and set(saved["sampling"]) == {
+        "temperature", "top_p", "top_k", "min_p", "repetition_penalty"}  # the panel's settings
+    page.click("#clear")
+    page.wait_for_selector("#export-file", state="hidden")
 
     calls = "<|tool_call_start|>[" + "f(x=1)," * 20_000 + "]<|tool_call_end|>"  # a 140 KB chat
     (tmp_path / "calls.json").write_text(json.dumps({"messages": [
