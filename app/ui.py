@@ -510,7 +510,7 @@ def build(runtime: Runtime) -> gr.Blocks:
                                                    elem_id="max-tokens")
                             seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
                         with gr.Accordion("Tools", open=False):
-                            tools = gr.Code(value="", language="json", label="Tool definitions (JSON list)", lines=6)
+                            tools = gr.Code(value="", language="json", label="Tools (JSON list)", lines=6)
                             example_tools = gr.Button("Insert example tool", size="sm")
                             as_tool = gr.Checkbox(label="Send my next message as a tool result", value=False)
 
