@@ -496,6 +496,8 @@ def build(runtime: Runtime) -> gr.Blocks:
                             export_btn = gr.Button("Export JSON", size="sm", elem_id="export")
                             import_btn = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], elem_id="import")
                         export_file = gr.File(label="Exported conversation", visible=False, elem_id="export-file")
+                        gr.Markdown("✎ Editing an earlier message rewrites the conversation from there: the turns "
+                                    "after it are replaced (export the chat first to keep them).", elem_id="edit-hint")
                     with gr.Column(scale=1, min_width=280):
                         system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
                                             elem_id="system")
@@ -629,6 +631,10 @@ def build(runtime: Runtime) -> gr.Blocks:
             text = edited.value if isinstance(edited.value, str) else str(edited.value)
             options, _ = configure(state, text, *settings)
             last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+
+            if index < last_user:
+                later = len(messages) - index - 1
+                gr.Info(f"Editing message {index + 1} replaced the {later} later messages.", duration=5)
 
             def start(s: ChatSession, cancel):
                 if index == last_user:

@@ -248,6 +248,8 @@ def test_editing_an_earlier_message_rewinds_the_conversation(page):
     page.fill("#chatbot textarea", "Edited question")
     page.locator("#chatbot button[aria-label='Submit']").click()
     edited = wait_for_stats(page, follow["at"])
+    page.wait_for_selector(":text('Editing message 1 replaced the 3 later messages.')")  # said, with the hint shown
+    assert "turns after it are replaced" in page.inner_text("#edit-hint")
     assert page.locator("[data-testid=user]").all_inner_texts() == ["Edited question"]
     assert "20 tokens" in edited["text"]
 
