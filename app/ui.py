@@ -54,6 +54,7 @@ TEXT_TYPES = [".txt", ".md", ".json", ".csv"]
 SLIDERS = dict(temperature=(0, 2, 0.05), top_p=(0, 1, 0.01), top_k=(0, 200, 1), min_p=(0, 1, 0.01),
                repetition_penalty=(1, 2, 0.01))
 SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "assets" / "schemas"
+TOAST_SECONDS = 5  # Gradio's toasts show on every tab: long enough to read, gone before they confuse another
 FREE = dict(concurrency_limit=None)  # queued (so its messages show as toasts) but never waits for the model
 PRIVATE = dict(api_visibility="private")
 EXAMPLE_TOOLS = json.dumps([{
@@ -64,7 +65,7 @@ EXAMPLE_TOOLS = json.dumps([{
 
 def refuse(message: str) -> gr.Error:
     """A user error: shown to the user (a toast, or the API client's error); no traceback in the log."""
-    return gr.Error(message, print_exception=False)
+    return gr.Error(message, duration=TOAST_SECONDS, print_exception=False)
 
 
 def stats_line(s: dict) -> str:
@@ -220,7 +221,7 @@ def soft(outputs: int) -> Callable:
                 try:
                     yield from fn(*args, **kwargs)
                 except gr.Error as e:
-                    gr.Warning(e.message, duration=10)
+                    gr.Warning(e.message, duration=TOAST_SECONDS)
                     yield unchanged
             return stream
 
@@ -229,7 +230,7 @@ def soft(outputs: int) -> Callable:
             try:
                 return fn(*args, **kwargs)
             except gr.Error as e:
-                gr.Warning(e.message, duration=10)
+                gr.Warning(e.message, duration=TOAST_SECONDS)
                 return unchanged
         return call
     return wrap
@@ -596,7 +597,7 @@ def build(runtime: Runtime) -> gr.Blocks:
                     shown = last
                     yield render(state, partial=reply), gr.skip(), session_meter(state, last)
             except gr.Error as e:
-                gr.Warning(e.message, duration=10)
+                gr.Warning(e.message, duration=TOAST_SECONDS)
             yield render(state), gr.skip(), session_meter(state)
 
         # Gradio passes the request (and EditData) by annotation; the rest are `settings`, in order.
@@ -634,7 +635,7 @@ def build(runtime: Runtime) -> gr.Blocks:
 
             if index < last_user:
                 later = len(messages) - index - 1
-                gr.Info(f"Editing message {index + 1} replaced the {later} later messages.", duration=5)
+                gr.Info(f"Editing message {index + 1} replaced the {later} later messages.", duration=TOAST_SECONDS)
 
             def start(s: ChatSession, cancel):
                 if index == last_user:
@@ -693,7 +694,7 @@ def build(runtime: Runtime) -> gr.Blocks:
             s = {**d.to_dict(), **(loaded.sampling or {})}
             clamped = [name for name in SLIDERS if slider_value(name, s[name]) != s[name]]
             if clamped:
-                gr.Warning(f"Imported {', '.join(clamped)} outside the sliders' ranges: set to the nearest end.")
+                gr.Warning(f"Imported {', '.join(clamped)} outside the sliders' ranges: set to the nearest end.", duration=TOAST_SECONDS)
             return (render(state), session_meter(state), loaded.system or "",
                     json.dumps(loaded.tools, indent=2) if loaded.tools else "",
                     *(slider_value(name, s[name]) for name in SLIDERS))
