@@ -39,16 +39,38 @@ class _Failure:
 
 
 class Runtime:
-    """The model, the tokenizer, how they were chosen, and the engine that runs them."""
+    """The model, the tokenizer, how they were chosen, and the engine that runs them. ``switch`` puts
+    another model in their place; ``on_switch`` callbacks (the sessions, the /v1 server) follow it."""
 
     def __init__(self, choice, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, dtype=None,
                  max_batch: int = MAX_BATCH):
+        self.dtype, self.max_batch = dtype, max_batch
+        self.on_switch: list[Callable[["Runtime"], None]] = []
+        self._switching = threading.Lock()
+        self._start(choice, max_kv_size, kv_bits)
+
+    def _start(self, choice, max_kv_size: Optional[int], kv_bits: Optional[int]) -> None:
         import lfm_mlx
 
+        engine = Engine.start_loaded(lambda: lfm_mlx.load(choice.path, self.dtype), max_batch=self.max_batch,
+                                     prefix_cache_bytes=PREFIX_CACHE_BYTES)
+        old = getattr(self, "engine", None)
         self.choice, self.max_kv_size, self.kv_bits = choice, max_kv_size, kv_bits
-        self.engine = Engine.start_loaded(lambda: lfm_mlx.load(choice.path, dtype), max_batch=max_batch,
-                                          prefix_cache_bytes=PREFIX_CACHE_BYTES)
-        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
+        self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
+        for callback in self.on_switch:
+            callback(self)
+        if old is not None:
+            old.stop()  # what still runs on the old model ends with an error
+
+    def switch(self, choice, max_kv_size: Optional[int], kv_bits: Optional[int]) -> None:
+        """Load ``choice`` while the current model keeps serving, then swap them: requests still running
+        on the old model end with an error, and every conversation starts over on the new one."""
+        if not self._switching.acquire(blocking=False):
+            raise Busy("another model is loading: wait for it to finish")
+        try:
+            self._start(choice, max_kv_size, kv_bits)
+        finally:
+            self._switching.release()
 
     @property
     def context(self) -> int:
@@ -173,6 +195,12 @@ class Sessions:
         self.runtime, self.limit = runtime, limit
         self._states: OrderedDict[str, ChatState] = OrderedDict()
         self._lock = threading.Lock()
+        runtime.on_switch.append(lambda _: self.clear())
+
+    def clear(self) -> None:
+        """Forget every session: their caches belong to a model that is gone."""
+        with self._lock:
+            self._states.clear()
 
     def get(self, request) -> ChatState:
         """The state of the Gradio session behind ``request`` (a gr.Request), made on first use."""

@@ -65,14 +65,18 @@ def main(argv=None) -> int:
 
     from .ui import build
 
-    page = build(runtime)
+    page = build(runtime, can_switch=args.host in ("127.0.0.1", "localhost", "::1"))
     # Gradio keeps each session's state, and the inputs of its calls, in memory: every API client is a
     # session, so without a bound a stream of clients (say, 1 MB documents) grows the process forever.
     page.state_session_capacity = MAX_SESSIONS
     page.queue(default_concurrency_limit=None)  # model events share their own pool of slots (see ui.build)
-    limits = Limits(context=runtime.context, max_tokens=MAX_REPLY_TOKENS)  # the same limits as the UI's
-    api = create_app(Server(runtime.engine, choice.name, limits=limits, kv_bits=args.kv_bits,
-                            aliases=(str(choice.path),)))
+    def served(rt: Runtime) -> dict:  # the same limits as the UI's
+        return dict(limits=Limits(context=rt.context, max_tokens=MAX_REPLY_TOKENS), kv_bits=rt.kv_bits,
+                    aliases=(str(rt.choice.path),))
+
+    server = Server(runtime.engine, choice.name, **served(runtime))
+    runtime.on_switch.append(lambda rt: server.switch(rt.engine, rt.choice.name, **served(rt)))
+    api = create_app(server)
     app = gr.mount_gradio_app(api, page, path="/", server_name=args.host, server_port=args.port, show_error=True,
                               max_file_size="20mb", theme=theme(gr), css_paths=[STYLE], footer_links=["api"])
     if not port_free(args.host, args.port):

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import html
 import inspect
 import io
 import json
 import math
+import queue
 import re
 import tempfile
 import threading
@@ -197,7 +199,48 @@ def model_panel(runtime: Runtime) -> str:
             ("Process peak RSS", f"{i['process_peak_mb']:,.0f} MB")]
     if i["note"]:
         rows.append(("Note", i["note"]))
-    return "| Model panel | |\n|---|---|\n" + "\n".join(f"| **{k}** | {v} |" for k, v in rows)
+    return "\n".join(f"- **{k}:** {v}" for k, v in rows)
+
+
+def header_html(runtime: Runtime) -> str:
+    info = runtime.info()
+    return (f'<div class="app-header"><h1>LFM-MLX</h1><span>{html.escape(runtime.choice.name)} · '
+            f"{info['quantization']} · {info['backend']}</span></div>")
+
+
+KV_BITS = {"full precision": None, "8-bit": 8, "4-bit": 4}
+
+
+def kv_bits_label(bits: Optional[int]) -> str:
+    return next(label for label, value in KV_BITS.items() if value == bits)
+
+
+def resolve_and_switch(runtime: Runtime, name: str, max_kv_size: Optional[int], kv_bits: Optional[int]
+                       ) -> Iterator[str]:
+    """Resolve ``name`` (downloading and converting a hub model once), then ``runtime.switch`` to it;
+    yields what resolving says as it goes. A model that cannot be found or loaded is a refusal."""
+    from lfm_mlx.resolve import resolve_model
+
+    said: queue.SimpleQueue = queue.SimpleQueue()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            choice = resolve_model(None if name == "demo" else name, demo=name == "demo", log=said.put)
+            said.put("⏳ Loading the weights…")
+            runtime.switch(choice, max_kv_size, kv_bits)
+        except Exception as e:  # a folder that is not a model, a failed download: said on the page
+            outcome["error"] = e
+        finally:
+            said.put(None)
+
+    threading.Thread(target=work, name="lfm-mlx-model-load", daemon=True).start()
+    while (line := said.get()) is not None:
+        yield line
+    if "error" in outcome:
+        error = outcome["error"]
+        known = isinstance(error, (Busy, ConnectionError, OSError, ValueError))
+        raise refuse(f"Could not load {name}: {'' if known else type(error).__name__ + ': '}{_sentence(error)}")
 
 
 def demo_banner(runtime: Runtime) -> str:
@@ -462,7 +505,9 @@ def write_downloads(name: str, records: list[tuple[str, Any]]) -> list[str]:
     return [str(folder / f"{name}.{ext}") for ext in ("json", "jsonl", "csv")]
 # --- the page ------------------------------------------------------------------------------------------
 
-def build(runtime: Runtime) -> gr.Blocks:
+def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
+    """The page. ``can_switch``: the Model tab may load another model (off when the app listens beyond
+    this machine: a switch ends everyone's running requests)."""
     sessions = Sessions(runtime)
     # Model events share one pool of slots, as many as the engine's rows; more wait in Gradio's queue.
     model_event = dict(concurrency_limit=runtime.engine.max_batch, concurrency_id="model")
@@ -471,10 +516,8 @@ def build(runtime: Runtime) -> gr.Blocks:
     first = next(iter(presets), None)
 
     with gr.Blocks(title="LFM-MLX", analytics_enabled=False) as page:
-        gr.HTML(f'<div class="app-header"><h1>LFM-MLX</h1><span>{runtime.choice.name} · '
-                f"{runtime.info()['quantization']} · {runtime.info()['backend']}</span></div>")
-        if runtime.choice.demo:
-            gr.HTML(demo_banner(runtime), elem_id="demo-banner")
+        header = gr.HTML(header_html(runtime))
+        banner = gr.HTML(demo_banner(runtime), elem_id="demo-banner", visible=runtime.choice.demo)
 
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -557,6 +600,19 @@ def build(runtime: Runtime) -> gr.Blocks:
                                               elem_id="batch-downloads")
 
             with gr.Tab("Model", id="model"):
+                with gr.Row(equal_height=True):
+                    model_name = gr.Textbox(value=runtime.choice.name, scale=4, elem_id="model-name",
+                                            label="Model: a local directory, a Hugging Face hub id, or demo",
+                                            interactive=can_switch)
+                    kv_window = gr.Number(value=runtime.max_kv_size or 0, precision=0, scale=1, elem_id="kv-window",
+                                          label="KV window (tokens; 0: unbounded)", interactive=can_switch)
+                    kv_bits = gr.Dropdown(list(KV_BITS), value=kv_bits_label(runtime.kv_bits), scale=1,
+                                          label="KV cache", elem_id="kv-bits", interactive=can_switch)
+                    load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="model-load",
+                                         interactive=can_switch)
+                load_status = gr.Markdown("" if can_switch else "Loading another model from the page is off: the app "
+                                          "listens beyond this machine. Restart it with `--model`.",
+                                          elem_id="model-status")
                 panel = gr.Markdown(model_panel(runtime), elem_id="model-panel")
                 refresh = gr.Button("Refresh", size="sm")
 
@@ -721,6 +777,35 @@ def build(runtime: Runtime) -> gr.Blocks:
                                                      min_p, repetition], **FREE, **PRIVATE)
         example_tools.click(lambda: EXAMPLE_TOOLS, None, tools, queue=False, **PRIVATE)
         refresh.click(lambda: model_panel(runtime), None, panel, queue=False, **PRIVATE)
+
+        def load_model(name: Any, window: Any, bits: Any) -> Iterator[tuple]:
+            """Find (download, convert) and load the model while the current one serves, then swap."""
+            unchanged = (gr.skip(),) * 3
+            if not can_switch:
+                raise refuse("Loading another model from the page is off while the app listens beyond this machine.")
+            name = _text(name, "The model").strip()
+            window = whole(window, "The KV window", default=0)
+            if not name:
+                raise refuse("Name a model: a local directory, a Hugging Face hub id, or demo.")
+            if window < 0 or 0 < window <= 64:
+                raise refuse("The KV window must be 0 (unbounded) or more than 64 tokens.")
+            if bits not in KV_BITS:
+                raise refuse(f"KV cache: choose one of {', '.join(KV_BITS)}.")
+            lines = [f"⏳ Loading {name}…"]
+            yield "\n\n".join(lines), *unchanged
+            try:
+                for line in resolve_and_switch(runtime, name, window or None, KV_BITS[bits]):
+                    lines.append(line)
+                    yield "\n\n".join(lines), *unchanged
+            except gr.Error as e:
+                yield "\n\n".join([*lines, f"✗ {e.message}"]), *unchanged
+                raise
+            lines.append(f"✓ Loaded {runtime.choice.name}. Conversations start over on it.")
+            yield "\n\n".join(lines), header_html(runtime), gr.HTML(demo_banner(runtime), visible=runtime.choice.demo), \
+                model_panel(runtime)
+
+        load_btn.click(soft(4)(load_model), [model_name, kv_window, kv_bits], [load_status, header, banner, panel],
+                       **PRIVATE)
 
         def forget(request: gr.Request):
             runtime.submit(sessions.drop, request)  # its arrays are freed on the engine's thread

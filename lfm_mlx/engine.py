@@ -260,6 +260,8 @@ class Engine:
         self._wakeup = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._closed = False  # the loop has ended: nothing submitted from now on would run
+        self._submit_lock = threading.Lock()
         self._sampled: tuple[list, Optional[mx.array]] = ([], None)  # last step's rows and tokens
 
     # --- the outside: any thread ------------------------------------------------------------------
@@ -273,7 +275,10 @@ class Engine:
         then None or an exception; without a sink, iterate the returned ``Generation``."""
         self.check(request)
         gen = Generation(self, request, sink)
-        self._incoming.put(gen)
+        with self._submit_lock:
+            if self._closed:
+                raise RuntimeError("the engine has stopped: it takes no more requests")
+            self._incoming.put(gen)
         self._wakeup.set()
         return gen
 
@@ -420,6 +425,10 @@ class Engine:
             if not worked:
                 self._wakeup.wait(timeout=1.0)
         self._fail_running(RuntimeError("the engine was stopped"))
+        with self._submit_lock:
+            self._closed = True
+        while not self._incoming.empty():
+            self.waiting.append(self._incoming.get_nowait())
         for gen in self.waiting:
             gen._emit(RuntimeError("the engine was stopped"))
         self.waiting.clear()

@@ -48,6 +48,13 @@ class Server:
         self.names = {model_id, *aliases}
         self.created = int(time.time())
 
+    def switch(self, engine: Engine, model_id: str, *, limits: Limits, kv_bits: Optional[int] = None,
+               aliases: tuple = ()) -> None:
+        """Serve another model from now on (the app's Model tab loads one); running requests stay on theirs."""
+        self.engine, self.model_id, self.limits, self.kv_bits = engine, model_id, limits, kv_bits
+        self.names = {model_id, *aliases}
+        self.created = int(time.time())
+
     # --- request bodies ---
 
     async def body(self, request: Request) -> Any:

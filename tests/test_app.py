@@ -472,6 +472,34 @@ def test_highlights_and_tables_from_an_extraction():
     assert table(["a"]) == [["value"], ["a"]]
 
 
+def test_runtime_switches_models_and_the_sessions_and_the_api_follow(tiny_checkpoint, tmp_path):
+    from app import Runtime, Sessions
+    from lfm_mlx import demo
+    from lfm_mlx.api import Limits
+    from lfm_mlx.resolve import ModelChoice
+    from lfm_mlx.server import Server
+
+    runtime = Runtime(ModelChoice(demo.build_demo(tmp_path / "demo"), "demo", demo=True), max_kv_size=256)
+    sessions = Sessions(runtime)
+    server = Server(runtime.engine, "demo", limits=Limits(context=256, max_tokens=64))
+    runtime.on_switch.append(lambda rt: server.switch(rt.engine, rt.choice.name, kv_bits=rt.kv_bits,
+                                                      limits=Limits(context=rt.context, max_tokens=64)))
+    before, old_engine = sessions.get(None), runtime.engine
+    assert len(list(before.session.send("Hi", max_tokens=3))) == 3
+    try:
+        runtime.switch(ModelChoice(tiny_checkpoint, "tiny"), 512, 8)
+        assert (runtime.choice.name, runtime.context, runtime.kv_bits) == ("tiny", 512, 8)
+        assert (server.engine, server.model_id, server.limits.context, server.kv_bits) == (runtime.engine, "tiny", 512, 8)
+        assert not old_engine.threaded and runtime.model is not old_engine.model
+        state = sessions.get(None)
+        assert state is not before and state.session.engine is runtime.engine  # conversations start over
+        assert len(list(state.session.send("Hi", max_tokens=3, temperature=0))) == 3
+        with pytest.raises(RuntimeError, match="the engine has stopped"):  # a turn of the old model's session
+            list(before.session.send("Still there?", max_tokens=3))
+    finally:
+        runtime.engine.stop()
+
+
 def test_runtime_stream_merges_a_fast_stream_and_cancels_when_closed():
     from app import Runtime
 

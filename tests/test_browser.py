@@ -326,6 +326,29 @@ def test_stop_ends_a_batch_and_keeps_what_finished(page, tmp_path):
     assert wait_until_idle(_APP["url"], timeout=5) < 5
 
 
+def test_the_model_tab_loads_another_model_and_chat_runs_on_it(page, tiny_checkpoint, tmp_path):
+    def load(name: str, outcome: str) -> None:
+        page.get_by_role("tab", name="Model").click()
+        page.fill("#model-name textarea", name)
+        page.click("#model-load")
+        page.wait_for_selector(f"#model-status :text('{outcome}')", timeout=180_000)
+
+    load(str(tiny_checkpoint), "✓ Loaded")
+    assert str(tiny_checkpoint) in page.inner_text("#model-panel") and not page.is_visible("#demo-banner")
+    page.get_by_role("tab", name="Chat").click()
+    before = page.evaluate(f"""() => {{
+        const s = ({LAST_BOT})()?.querySelector('.reply-stats');
+        return s ? Date.parse(s.title.replace('finished at ', '')) / 1000 : 0; }}""")
+    send(page, "Hello there", 5)
+    assert "5 tokens" in wait_for_stats(page, before)["text"]
+    assert page.locator("[data-testid=user]").all_inner_texts() == ["Hello there"]  # a new conversation
+
+    load(str(tmp_path / "no-such-model"), "✗ Could not load")
+    assert str(tiny_checkpoint) in page.inner_text("#model-panel")  # the loaded model stays
+    load("demo", "✓ Loaded demo")
+    page.wait_for_selector("#demo-banner", state="visible")
+
+
 def test_the_app_log_holds_no_traceback(page):
     """After every refusal the page tests caused: one line at most in the log, never a traceback."""
     log = Path(_APP["log"]).read_text()

@@ -215,6 +215,22 @@ def test_threaded_engine_serves_concurrent_callers_without_cross_talk(tiny):
     assert not engine.threaded
 
 
+def test_a_stopped_engine_ends_its_requests_with_an_error_and_refuses_new_ones(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2).start()
+    endless = [Request(p, max_tokens=100_000, sampling=GREEDY, logits_processors=[ban(EOS)]) for p in prompts(3, seed=5)]
+    generations = [engine.submit(r) for r in endless]  # two run, one waits
+    deadline = time.monotonic() + 60
+    while engine.occupancy != (2, 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    for generation in generations:
+        with pytest.raises(RuntimeError, match="the engine was stopped"):
+            list(generation)
+    with pytest.raises(RuntimeError, match="the engine has stopped"):
+        engine.submit(endless[0])
+
+
 def test_forced_tokens_stream_as_text_with_stop_strings(tiny):
     model, tok = tiny
     text = "alpha beta STOP gamma"
