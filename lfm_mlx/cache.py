@@ -42,10 +42,6 @@ class ConvCache:
         # A copy: a slice would keep the whole window's buffer alive as long as the state.
         return self.state if kept == fed else mx.contiguous(self.window[:, kept : kept + width])
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.state is None else self.state.nbytes
-
 
 class KVCache:
     """Keys/values of one attention layer.
@@ -153,10 +149,6 @@ class KVCache:
                 dst[..., :n, :] = src[..., :n, :]
             copy.offset = n
         return copy
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else sum(a.nbytes for a in self.keys + self.values)
 
 
 def make_cache(

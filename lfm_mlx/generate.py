@@ -20,7 +20,7 @@ import mlx.core as mx
 from .cache import ConvCache, KVCache, PromptCache, cache_arrays
 from .engine import Engine, GenerationResponse, ReplyText, Request, StopMatcher
 from .sample import SamplingSettings
-from .tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls
+from .tools import TOOL_CALL_END, TOOL_CALL_START, format_tool_calls, parse_tool_calls
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -33,12 +33,30 @@ def encode_prompt(tokenizer, prompt: Prompt, tools: Optional[list] = None) -> li
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
     elif len(prompt) and isinstance(prompt[0], dict):
-        ids = tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(_calls_in_content(tokenizer, prompt), tools=tools,
+                                            add_generation_prompt=True)
     else:
         ids = [int(t) for t in prompt]
     if not ids:
         raise ValueError("the prompt is empty: give at least one token")
     return ids
+
+
+def _calls_in_content(tokenizer, messages: Sequence[dict]) -> list[dict]:
+    """LFM2's first chat template ignores an assistant message's ``tool_calls``: for such a template,
+    write them after the content, as LFM2.5's template renders them, so the model sees its own calls."""
+    if "tool_calls" in (getattr(tokenizer, "chat_template", None) or "") or not any(
+            isinstance(m, dict) and m.get("tool_calls") for m in messages):
+        return list(messages)
+    written = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [call.get("function", call) for call in m["tool_calls"]]
+            calls = [{"name": c["name"], "arguments": c.get("arguments") or {}} for c in calls]
+            m = {**{k: v for k, v in m.items() if k != "tool_calls"},
+                 "content": (m.get("content") or "") + format_tool_calls(calls)}
+        written.append(m)
+    return written
 
 
 def message_starts(tokenizer, ids: Sequence[int]) -> list[int]:
