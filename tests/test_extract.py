@@ -24,7 +24,7 @@ from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import (
     DESCRIPTION_CHARS, SCHEMA_PROMPT_CHARS, SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract,
     extract_many, main, merge, merge_all, schema_for_prompt, split_text)
-from lfm_mlx.grounding import Grounder, ground, string_leaves
+from lfm_mlx.grounding import ground, string_leaves
 from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS
 
 extract_module = importlib.import_module("lfm_mlx.extract")  # `lfm_mlx.extract` may name the function
@@ -157,33 +157,6 @@ def test_every_value_of_a_perfect_extraction_is_grounded_in_the_sample(name):
 
 
 # --- grounding ----------------------------------------------------------------------------------------
-
-def test_grounding_exact_then_case_and_whitespace_insensitive():
-    text = "Invoice for ACME Corp.\nShip to:  Rua das\n   Flores 8, Porto. Contact: acme corp sales."
-    spans = ground({"a": "ACME Corp", "b": "acme corp", "c": "Rua das Flores 8", "d": "RUA DAS FLORES",
-                    "e": "Lisbon", "f": "  Porto ", "g": ""}, text)
-    assert spans["$.a"] == (12, 21)  # exact
-    assert spans["$.b"] == (text.index("acme corp"), text.index("acme corp") + 9)  # exact wins over folded
-    start = text.index("Rua")
-    assert spans["$.c"] == (start, text.index("8,") + 1)  # across a line break and extra spaces
-    assert spans["$.d"] == (start, text.index("Flores") + 6)
-    assert spans["$.e"] is None and spans["$.g"] is None
-    assert spans["$.f"] == (text.index("Porto"), text.index("Porto") + 5)  # stripped
-
-
-def test_grounding_prefers_whole_words_and_maps_case_folding_back():
-    text = "Annual report by Ann. Straße 5"
-    grounder = Grounder(text)
-    assert grounder.find("Ann") == (17, 20)
-    assert grounder.find("nua") == (2, 5)  # inside a word when that is all there is
-    assert grounder.find("STRASSE 5") == (text.index("Straße"), len(text))
-
-
-def test_grounding_paths_cover_nested_arrays_and_odd_keys():
-    data = {"items": [{"name": "a"}, {"name": "b", "tags": ["c"]}], "first name": "d", "n": 1, "x": None}
-    assert [p for p, _ in string_leaves(data)] == [
-        "$.items[0].name", "$.items[1].name", "$.items[1].tags[0]", "$['first name']"]
-
 
 # --- the extraction prompt ----------------------------------------------------------------------------
 
