@@ -158,6 +158,9 @@ def library() -> Optional[ctypes.CDLL]:
     if not _tried:
         _tried = True
         if os.environ.get("LFM_MLX_CPU_KERNEL", "1") != "0":
+            # OpenMP threads that spin between products starve when another process wants the cores
+            # (decode fell 5x beside one busy process); passive ones sleep. Read when OpenMP loads.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             try:
                 _library = _build()
             except (OSError, subprocess.SubprocessError):
