@@ -461,6 +461,25 @@ def highlights(text: str, spans: dict) -> list[tuple[str, Optional[str]]]:
     return [piece for piece in out if piece[0]]
 
 
+BATCH_HEADERS = ["file", "result", "data / error"]
+HIGHLIGHT_COLOURS = ("#fde68a", "#bbf7d0", "#bfdbfe", "#fbcfe8", "#ddd6fe", "#fed7aa", "#a5f3fc", "#e9d5ff")
+
+
+def highlighted_html(text: str, spans: dict) -> str:
+    """The source exactly as written (line breaks, blank lines, whole words), each found value marked
+    with its field's colour and path, and a legend of the fields. Gradio's HighlightedText lays pieces out
+    as boxes, which breaks words and drops blank lines."""
+    pieces = highlights(text, spans)
+    labels = list(dict.fromkeys(label for _, label in pieces if label))
+    colour = {label: HIGHLIGHT_COLOURS[i % len(HIGHLIGHT_COLOURS)] for i, label in enumerate(labels)}
+    body = "".join(html.escape(piece) if label is None else
+                   f'<mark style="background:{colour[label]}" title="{html.escape(label)}">{html.escape(piece)}</mark>'
+                   for piece, label in pieces)
+    legend = "".join(f'<span class="field" style="background:{colour[label]}">{html.escape(label)}</span>'
+                     for label in labels) or '<span class="none">no extracted value found in the source</span>'
+    return f'<div class="legend">{legend}</div><div class="source">{body}</div>'
+
+
 def _label(path: str) -> str:
     return re.sub(r"\[\d+\]", "[]", path).removeprefix("$.")
 
@@ -480,7 +499,7 @@ def table(rows: list) -> list[list]:
     if rows and all(isinstance(r, dict) for r in rows):
         columns = list(dict.fromkeys(k for r in rows for k in r))
         return [columns] + [[_cell(r.get(c)) for c in columns] for r in rows]
-    return [["value"]] + [[_cell(r)] for r in rows]
+    return [["value" if rows else "(no items)"]] + [[_cell(r)] for r in rows]
 
 
 def _cell(v: Any) -> str:
@@ -581,12 +600,14 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
                 extract_status = gr.Markdown(elem_id="extract-status")
                 with gr.Row(equal_height=False):
                     result_json = gr.JSON(label="Extracted JSON", elem_id="result-json", height=420)
-                    grounded = gr.HighlightedText(label="Source with extracted values highlighted", elem_id="grounded",
-                                                  combine_adjacent=False, show_legend=True)
+                    with gr.Column():
+                        gr.Markdown("**Source with extracted values highlighted**")
+                        grounded = gr.HTML(elem_id="grounded")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2):
                         array_pick = gr.Dropdown([], label="Array field", interactive=True)
-                        array_table = gr.Dataframe(label="Array as a table", wrap=True, interactive=False, elem_id="array-table")
+                        array_table = gr.Dataframe(label="Array as a table", wrap=True, interactive=False, elem_id="array-table",
+                                                   headers=["(extract to see the arrays)"], value=[])
                     downloads = gr.File(label="Downloads (JSON, JSONL, CSV)", file_count="multiple", scale=1)
                 last_result = gr.State(None)
                 with gr.Accordion("Batch: extract from several files", open=False, elem_id="batch"):
@@ -595,7 +616,8 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
                         batch_btn = gr.Button("Extract from all files", variant="primary", scale=3, elem_id="batch-run")
                         batch_stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="batch-stop")
                     batch_status = gr.Markdown(elem_id="batch-status")
-                    batch_table = gr.Dataframe(label="Results", wrap=True, interactive=False, elem_id="batch-table")
+                    batch_table = gr.Dataframe(label="Results", wrap=True, interactive=False, elem_id="batch-table",
+                                               headers=BATCH_HEADERS, value=[])
                     batch_downloads = gr.File(label="Batch downloads (JSON, JSONL, CSV)", file_count="multiple",
                                               elem_id="batch-downloads")
 
@@ -881,13 +903,13 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
                       f"{s.generation_tps:.1f} tok/s · TTFT {s.ttft_s * 1000:.0f} ms"
                       + (f" · long text: {result.chunks} chunks merged" if result.chunked else ""))
             pick = next(iter(arrays), None)
-            rows = table(arrays[pick]) if pick else [["value"]]
-            yield (status, result.data, highlights(text, result.spans),
+            rows = table(arrays[pick]) if pick else [["(no array in the result)"]]
+            yield (status, result.data, highlighted_html(text, result.spans),
                    gr.Dropdown(choices=list(arrays), value=pick), gr.Dataframe(value=rows[1:], headers=rows[0]),
                    write_downloads("extraction", [("source", result.data)]), result.data)
 
         def show_array(name: str, data: Any):
-            rows = table(array_fields(data).get(name, [])) if name else [["value"]]
+            rows = table(array_fields(data).get(name, [])) if name else [["(no array in the result)"]]
             return gr.Dataframe(value=rows[1:], headers=rows[0])
 
         @soft(3)
@@ -908,7 +930,7 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             def results_table():
                 rows = [[names[i], "valid" if r.valid else "invalid",
                          r.error or json.dumps(r.data, ensure_ascii=False)[:200]] for i, r in sorted(results.items())]
-                return gr.Dataframe(value=rows + skipped, headers=["file", "result", "data / error"])
+                return gr.Dataframe(value=rows + skipped, headers=BATCH_HEADERS)
 
             cancel = cancel_event(request, "batch")
             yield f"⏳ Extracting from {len(texts)} files…", results_table(), None

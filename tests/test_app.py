@@ -461,7 +461,7 @@ def test_rendering_a_chat_with_20000_tool_calls_is_quick():
 
 
 def test_highlights_and_tables_from_an_extraction():
-    from app.ui import array_fields, highlights, table
+    from app.ui import array_fields, highlighted_html, highlights, table
 
     text = "Ann paid 5 EUR to Bob."
     spans = {"$.payer": (0, 3), "$.payee": (18, 21), "$.items[0].name": None}
@@ -469,7 +469,11 @@ def test_highlights_and_tables_from_an_extraction():
     data = {"items": [{"name": "tea", "price": 2}, {"name": "jam"}], "tags": ["a"]}
     assert list(array_fields(data)) == ["items", "tags"]
     assert table(data["items"]) == [["name", "price"], ["tea", "2"], ["jam", ""]]
-    assert table(["a"]) == [["value"], ["a"]]
+    assert table(["a"]) == [["value"], ["a"]] and table([]) == [["(no items)"]]
+    shown = highlighted_html("Ann <b>\n\npaid</b> Bob.", {"$.payer": (0, 3), "$.payee": (18, 21), "$.x": None})
+    assert shown.count("<mark") == 2 and "&lt;b&gt;\n\npaid&lt;/b&gt;" in shown  # escaped, breaks kept
+    assert 'title="payer">Ann</mark>' in shown and '>payee</span>' in shown
+    assert "no extracted value" in highlighted_html("text", {"$.a": None})
 
 
 def test_runtime_switches_models_and_the_sessions_and_the_api_follow(tiny_checkpoint, tmp_path):

@@ -274,7 +274,9 @@ def test_extraction_preset_gives_json_then_highlights_and_a_table(page, screensh
     page.wait_for_selector(r"#extract-status :text-matches('([1-9]\\d*)/\\1 string values found')")  # all of them
     result = page.inner_text("#result-json")
     assert "Kestrel Analytics" in result and "hybrid" in result
-    marked = {t.strip() for t in page.locator("#grounded .token.highlighted .text").all_inner_texts()}
+    marked = {t.strip() for t in page.locator("#grounded mark").all_inner_texts()}
+    source = page.inner_text("#grounded .source")  # as written: no word cut, blank lines kept
+    assert source.split() == page.input_value("#source textarea").split() and "\n\n" in source
     assert {"Kestrel Analytics", "Amsterdam", "full-time", "hybrid"} <= marked
     assert "Python" in page.inner_text("#array-table") or "Airflow" in page.inner_text("#array-table")
     page.screenshot(path=str(screenshots / "extract.png"), full_page=True)
