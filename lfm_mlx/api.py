@@ -23,7 +23,7 @@ from .constrain import GrammarConstraint, JSONConstraint, SchemaError, tool_call
 from .engine import GenerationResponse, Request
 from .generate import message_starts, sampling_settings
 from .tokenizer import max_token_chars
-from .tools import TOOL_CALL_END, TOOL_CALL_START, split_reply, tool_function
+from .tools import TOOL_CALL_START, split_reply, tool_function
 
 MAX_STOP_STRINGS = 16
 

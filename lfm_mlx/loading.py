@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelArgs, load_config
+from .config import ModelArgs, load_config
 from .model import Model
 from .sample import read_generation_config
 

@@ -363,7 +363,7 @@ def test_ancestor_of_the_source_is_refused_with_force_and_nothing_is_deleted(tin
 ])
 def test_cli_reports_a_nonsense_config_in_one_line(tmp_path, config, message):
     import convert as cli
-    from test_loading import write_config
+    from test_config import write_config
 
     write_config(tmp_path / "src", config)
     with pytest.raises(SystemExit) as excinfo:
