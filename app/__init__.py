@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from lfm_mlx.chat import ChatSession
 from lfm_mlx.engine import Engine
+from lfm_mlx.sample import read_generation_config
 
 UPDATE_INTERVAL_S = 0.04  # about 25 UI updates per second
 HEARTBEAT_S = 0.25  # an empty batch this often while nothing arrives, so a cancel is never stuck waiting
@@ -56,6 +57,7 @@ class Runtime:
                                      prefix_cache_bytes=PREFIX_CACHE_BYTES)
         old = getattr(self, "engine", None)
         self.choice, self.max_kv_size, self.kv_bits = choice, max_kv_size, kv_bits
+        self.sampling_defaults = read_generation_config(choice.path)
         self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
         for callback in self.on_switch:
             callback(self)
@@ -84,7 +86,7 @@ class Runtime:
     def new_session(self, **options) -> ChatSession:
         """A conversation whose replies run as rows of the shared engine."""
         return ChatSession(self.model, self.tokenizer, max_kv_size=self.max_kv_size, kv_bits=self.kv_bits,
-                           engine=self.engine, **options)
+                           engine=self.engine, defaults=self.sampling_defaults, **options)
 
     def submit(self, fn: Callable, *args) -> None:
         """``fn(*args)`` on the engine's thread, without waiting (e.g. to free MLX arrays where they live)."""

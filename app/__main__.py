@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     page.state_session_capacity = MAX_SESSIONS
     page.queue(default_concurrency_limit=None)  # model events share their own pool of slots (see ui.build)
     def served(rt: Runtime) -> dict:  # the same limits as the UI's
-        return dict(limits=Limits(context=rt.context, max_tokens=MAX_REPLY_TOKENS), kv_bits=rt.kv_bits,
+        return dict(limits=Limits(context=rt.context, max_tokens=MAX_REPLY_TOKENS, defaults=rt.sampling_defaults),
+                    kv_bits=rt.kv_bits,
                     aliases=(str(rt.choice.path),))
 
     server = Server(runtime.engine, choice.name, **served(runtime))

@@ -303,6 +303,36 @@ def whole(value: Any, name: str, default: Optional[int] = None) -> Optional[int]
     return int(value)
 
 
+def extraction_budget(value: Any) -> int:
+    """Max tokens per chunk of an extraction, from the page or an API client: capped at MAX_REPLY_TOKENS."""
+    limit = whole(value, "max_tokens", default=DEFAULT_EXTRACT_TOKENS)
+    if limit < 1:
+        raise refuse(f"max_tokens must be at least 1, not {limit}.")
+    return min(limit, MAX_REPLY_TOKENS)
+
+
+class Progress:
+    """Tokens an extraction has generated so far and their rate: its live status line."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.first: Optional[float] = None
+
+    def results(self, batch: list) -> list[tuple[int, Any]]:
+        """Count the batch's token counts; return its (index, Extraction) pairs."""
+        for item in batch:
+            if isinstance(item, int):
+                self.first = self.first or time.monotonic()
+                self.tokens += item
+        return [item for item in batch if isinstance(item, tuple)]
+
+    def __str__(self) -> str:
+        if not self.tokens:
+            return "reading the text"
+        seconds = time.monotonic() - self.first
+        return f"{self.tokens:,} tokens" + (f" · {self.tokens / seconds:.1f} tok/s" if seconds > 0.5 else "")
+
+
 def parse_tools(text: Any) -> Optional[list]:
     text = _text(text, "Tool definitions")
     if not text.strip():
@@ -352,7 +382,7 @@ def sampling_options(runtime: Runtime, room: int, temperature, top_p, top_k, min
     values = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                   repetition_penalty=repetition_penalty)
     try:
-        sampling_settings(runtime.model, **values).check_vocabulary(runtime.model.args.vocab_size)
+        sampling_settings(runtime.sampling_defaults, **values).check_vocabulary(runtime.model.args.vocab_size)
     except ValueError as e:
         raise refuse(f"Sampling: {e}.") from None
     requested = whole(max_tokens, "max_tokens", default=512)
@@ -389,7 +419,7 @@ def load_chat(runtime: Runtime, file: Any) -> ChatSession:
     path = Path(file if isinstance(file, str) else file.name)
     read_upload(str(path), "conversation")  # the type, size and binary checks
     try:
-        return ChatSession.load(path, runtime.model, runtime.tokenizer)
+        return ChatSession.load(path, runtime.model, runtime.tokenizer, defaults=runtime.sampling_defaults)
     except ValueError as e:
         raise refuse(f"Could not import: {e}") from None
     except RecursionError:
@@ -530,7 +560,7 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
     sessions = Sessions(runtime)
     # Model events share one pool of slots, as many as the engine's rows; more wait in Gradio's queue.
     model_event = dict(concurrency_limit=runtime.engine.max_batch, concurrency_id="model")
-    d = runtime.model.sampling_defaults
+    d = runtime.sampling_defaults
     presets = load_presets()
     first = next(iter(presets), None)
 
@@ -593,7 +623,11 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
                         schema = gr.Code(value=presets[first]["schema"] if first else "", language="json",
                                          label="JSON Schema", lines=16, max_lines=24, elem_id="schema")
                         schema_status = gr.Markdown(elem_id="schema-status")
-                        instructions = gr.Textbox(label="Instructions (optional)", lines=1)
+                        with gr.Row():
+                            instructions = gr.Textbox(label="Instructions (optional)", lines=1, scale=3)
+                            extract_tokens = gr.Number(value=DEFAULT_EXTRACT_TOKENS, precision=0, minimum=1,
+                                                       maximum=MAX_REPLY_TOKENS, scale=1, elem_id="extract-max-tokens",
+                                                       label=f"Max tokens per chunk (up to {MAX_REPLY_TOKENS:,})")
                         with gr.Row():
                             extract_btn = gr.Button("Extract", variant="primary", scale=3, elem_id="extract-run")
                             extract_stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="extract-stop")
@@ -838,13 +872,14 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
         def extraction(texts: list[str], schema: dict, instructions: Optional[str], max_tokens: int,
                        cancel: threading.Event) -> Iterator[list]:
             """``extract_many`` as rows of the engine, beside chats: batches of (index, result) as texts
-            finish, ``[]`` as a heartbeat. Closing it, or setting ``cancel``, ends its rows within a step
+            finish and of token counts as they are generated (``Progress`` tells them apart), ``[]`` as
+            a heartbeat. Closing it, or setting ``cancel``, ends its rows within a step
             (then ``Cancelled`` is raised if it is still being read). A text the library cannot read (a
             lone surrogate, say) gives a failed result, not an exception."""
             def produce(emit: Callable) -> None:
                 extract_many(runtime.model, runtime.tokenizer, texts, schema, instructions=instructions,
                              max_tokens=max_tokens, progress=False, engine=runtime.engine, cancel=cancel,
-                             on_result=lambda i, result: emit((i, result)))
+                             on_result=lambda i, result: emit((i, result)), on_tokens=emit)
             return runtime.stream(produce, cancel)
 
         def cancel_event(request: gr.Request, kind: str) -> threading.Event:
@@ -867,6 +902,15 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
                 return f"✗ {e.message}"
             return "✓ Schema is valid and supported."
 
+        def schema_edited(schema_text: str, preset_name: Optional[str], result: Any):
+            """Check the schema; a preset whose schema this no longer is is unselected, and a result
+            shown for another schema says so."""
+            stale = "The schema changed: the result below is from the previous one. Extract again to update it."
+            return (check(schema_text),
+                    gr.skip() if preset_name in presets and presets[preset_name]["schema"] == schema_text
+                    else gr.Dropdown(value=None),
+                    stale if result is not None else gr.skip())
+
         def pick_preset(name: str):
             p = presets.get(name)
             if p is None:
@@ -878,20 +922,20 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             return check_document(read_upload(file, "source file"), Path(file).name) if file else gr.skip()
 
         @soft(7)
-        def run_extract(request: gr.Request, text: str, schema_text: str, instructions_text: str):
+        def run_extract(request: gr.Request, text: str, schema_text: str, instructions_text: str, max_tokens):
             parsed, text = parse_schema(schema_text), check_document(text)
-            instructions = check_instructions(instructions_text)
+            instructions, limit = check_instructions(instructions_text), extraction_budget(max_tokens)
             cancel = cancel_event(request, "extract")
             unchanged = (gr.skip(),) * 6
-            yield ("⏳ Extracting…", *unchanged)
+            progress, result = Progress(), None
+            yield ("⏳ Extracting… reading the text", *unchanged)
             try:
-                for batch in extraction([text], parsed, instructions, DEFAULT_EXTRACT_TOKENS, cancel):
-                    if batch:
-                        result = batch[0][1]
-                    else:
-                        yield (gr.skip(), *unchanged)
+                for batch in extraction([text], parsed, instructions, limit, cancel):
+                    for _, result in progress.results(batch):
+                        pass
+                    yield (gr.skip() if result else f"⏳ Extracting… {progress}", *unchanged)
             except Cancelled:
-                yield ("Stopped.", *unchanged)
+                yield (f"Stopped after {progress}.", *unchanged)
                 return
             finally:  # the client left, or the run ended: either way its rows leave the engine
                 cancel.set()
@@ -901,7 +945,9 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             status = (f"{'✓ valid' if result.valid else '✗ ' + (result.error or 'invalid')} · "
                       f"{found}/{len(result.spans)} string values found in the source · {s.generation_tokens} tokens · "
                       f"{s.generation_tps:.1f} tok/s · TTFT {s.ttft_s * 1000:.0f} ms"
-                      + (f" · long text: {result.chunks} chunks merged" if result.chunked else ""))
+                      + (f" · long text: {result.chunks} chunks merged" if result.chunked else "")
+                      + (f" · ⚠ closed early by the {limit:,}-token budget: raise Max tokens for a fuller result"
+                         if result.closed_by_budget else ""))
             pick = next(iter(arrays), None)
             rows = table(arrays[pick]) if pick else [["(no array in the result)"]]
             yield (status, result.data, highlighted_html(text, result.spans),
@@ -913,8 +959,9 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             return gr.Dataframe(value=rows[1:], headers=rows[0])
 
         @soft(3)
-        def run_batch(request: gr.Request, files, schema_text: str, instructions_text: str):
+        def run_batch(request: gr.Request, files, schema_text: str, instructions_text: str, max_tokens):
             parsed, instructions = parse_schema(schema_text), check_instructions(instructions_text)
+            limit = extraction_budget(max_tokens)
             if not files:
                 raise refuse("Upload one or more text files first.")
             names, texts, skipped = [], [], []
@@ -928,19 +975,20 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             results: dict = {}  # index in texts → Extraction, as each finishes
 
             def results_table():
-                rows = [[names[i], "valid" if r.valid else "invalid",
+                rows = [[names[i], ("valid" if r.valid else "invalid") + (" (closed by the budget)" if r.closed_by_budget
+                                                                         else ""),
                          r.error or json.dumps(r.data, ensure_ascii=False)[:200]] for i, r in sorted(results.items())]
                 return gr.Dataframe(value=rows + skipped, headers=BATCH_HEADERS)
 
             cancel = cancel_event(request, "batch")
+            progress = Progress()
             yield f"⏳ Extracting from {len(texts)} files…", results_table(), None
             try:
-                for batch in extraction(texts, parsed, instructions, DEFAULT_EXTRACT_TOKENS, cancel):
-                    if not batch:
-                        yield gr.skip(), gr.skip(), gr.skip()
-                        continue
-                    results.update(batch)
-                    yield f"⏳ {len(results)} of {len(texts)} files done…", results_table(), gr.skip()
+                for batch in extraction(texts, parsed, instructions, limit, cancel):
+                    finished = progress.results(batch)
+                    results.update(finished)
+                    yield (f"⏳ {len(results)} of {len(texts)} files done · {progress}…",
+                           results_table() if finished else gr.skip(), gr.skip())
                 status = f"{sum(r.valid for r in results.values())} of {len(files)} files gave valid JSON."
             except Cancelled:  # what finished before Stop is kept, shown and downloadable
                 status = f"Stopped: {len(results)} of {len(texts)} files finished."
@@ -950,14 +998,16 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             yield status, results_table(), write_downloads("batch", records) if records else None
 
         preset.change(pick_preset, preset, [schema, source, schema_status], queue=False, **PRIVATE)
-        schema.change(check, schema, schema_status, queue=False, trigger_mode="always_last", **PRIVATE)
+        schema.change(schema_edited, [schema, preset, last_result], [schema_status, preset, extract_status], queue=False,
+                      trigger_mode="always_last", **PRIVATE)
         upload.upload(read_source, upload, source, **FREE, **PRIVATE)
-        extract_btn.click(run_extract, [source, schema, instructions],
+        extract_btn.click(run_extract, [source, schema, instructions, extract_tokens],
                           [extract_status, result_json, grounded, array_pick, array_table, downloads, last_result],
                           **model_event, **PRIVATE)
         extract_stop_btn.click(stopper("extract"), None, None, queue=False, **PRIVATE)
         array_pick.change(show_array, [array_pick, last_result], array_table, queue=False, **PRIVATE)
-        batch_btn.click(run_batch, [batch_files, schema, instructions], [batch_status, batch_table, batch_downloads],
+        batch_btn.click(run_batch, [batch_files, schema, instructions, extract_tokens],
+                        [batch_status, batch_table, batch_downloads],
                         **model_event, **PRIVATE)
         batch_stop_btn.click(stopper("batch"), None, None, queue=False, **PRIVATE)
         page.load(lambda: check(presets[first]["schema"]) if first else "", None, schema_status, queue=False, **PRIVATE)
@@ -997,17 +1047,15 @@ def build(runtime: Runtime, can_switch: bool = True) -> gr.Blocks:
             """Extract the JSON that schema_json describes from text (at most 200,000 characters); yields
             None while it runs, then the extracted object. max_tokens (per chunk) is capped at 4096."""
             parsed, text = parse_schema(schema_json), check_document(text)
-            limit = whole(max_tokens, "max_tokens", default=DEFAULT_EXTRACT_TOKENS)
-            if limit < 1:
-                raise refuse(f"max_tokens must be at least 1, not {limit}.")
+            limit = extraction_budget(max_tokens)
             cancel = threading.Event()
             try:
-                for batch in extraction([text], parsed, check_instructions(instructions),
-                                        min(limit, MAX_REPLY_TOKENS), cancel):
-                    if not batch:
+                for batch in extraction([text], parsed, check_instructions(instructions), limit, cancel):
+                    finished = Progress().results(batch)
+                    if not finished:
                         yield None  # a heartbeat: how Gradio notices a client that left
                         continue
-                    result = batch[0][1]
+                    result = finished[0][1]
                     if result.data is None:
                         raise refuse(f"Extraction failed: {result.error}")
                     yield result.data

@@ -11,12 +11,14 @@ from .extract import Extraction, extract, extract_many
 from .generate import GenerationResponse, batch_generate, generate, stream_generate
 from .loading import CheckpointError, load, load_model
 from .model import Model
+from .sample import SamplingSettings, read_generation_config
 from .tools import parse_tool_calls
 
 __all__ = [
     "Cancelled", "ChatSession", "CheckpointError", "ConfigError", "Engine", "Extraction", "GenerationResponse",
-    "Model", "ModelArgs", "PromptCache", "Request", "SchemaError", "batch_generate", "extract", "extract_many",
-    "generate", "load", "load_model", "make_cache", "parse_tool_calls", "stream_generate",
+    "Model", "ModelArgs", "PromptCache", "Request", "SamplingSettings", "SchemaError", "batch_generate", "extract",
+    "extract_many", "generate", "load", "load_model", "make_cache", "parse_tool_calls", "read_generation_config",
+    "stream_generate",
 ]
 
 # `python -m lfm_mlx.extract` runs a module this package has already imported (for `extract`): harmless.

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .constrain import GrammarConstraint, JSONConstraint, SchemaError, tool_call_grammar
 from .engine import GenerationResponse, Request
 from .generate import message_starts, sampling_settings
+from .sample import SamplingSettings
 from .tokenizer import max_token_chars
 from .tools import TOOL_CALL_START, split_reply, tool_function
 
@@ -205,10 +206,12 @@ def parse(model: type[BaseModel], body: Any) -> Any:
 @dataclass
 class Limits:
     """What any one request may ask for: ``context`` tokens of prompt and reply together, and at
-    most ``max_tokens`` of reply."""
+    most ``max_tokens`` of reply; ``defaults``: the sampling settings for what it leaves out (the
+    served checkpoint's generation config)."""
 
     context: int
     max_tokens: int = 4096
+    defaults: SamplingSettings = field(default_factory=SamplingSettings)
 
 
 @dataclass
@@ -242,9 +245,9 @@ def _template_message(m: Message, i: int) -> dict:
     return out
 
 
-def _sampling(model, body: _Sampling):
+def _sampling(defaults: SamplingSettings, body: _Sampling):
     try:
-        return sampling_settings(model, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        return sampling_settings(defaults, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                  min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
     except ValueError as e:
@@ -302,7 +305,7 @@ def prepare_chat(body: ChatRequest, model, tokenizer, limits: Limits) -> Prepare
         except (SchemaError, ValueError) as e:
             raise APIError(f"response_format: {e}", param="response_format.json_schema.schema") from None
     top = body.top_logprobs if body.logprobs else None
-    request = Request(ids, max_tokens=max_tokens, sampling=_sampling(model, body), seed=body.seed,
+    request = Request(ids, max_tokens=max_tokens, sampling=_sampling(limits.defaults, body), seed=body.seed,
                       stop=body.stops(), logits_processors=processors,
                       logprobs=(top or 0) if body.logprobs else None, checkpoints=message_starts(tokenizer, ids))
     return Prepared(request, tools=[tool_function(t) for t in tools] if tools else None,
@@ -319,7 +322,7 @@ def prepare_completion(body: CompletionRequest, model, tokenizer, limits: Limits
     if any(not 0 <= t < vocab for t in ids):
         raise APIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
     max_tokens = _budget(len(ids), body.max_tokens, limits, "prompt")
-    request = Request(ids, max_tokens=max_tokens, sampling=_sampling(model, body), seed=body.seed,
+    request = Request(ids, max_tokens=max_tokens, sampling=_sampling(limits.defaults, body), seed=body.seed,
                       stop=body.stops(), logprobs=body.logprobs)
     return Prepared(request, logprobs=body.logprobs is not None, kind="completion")
 

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .cache import PromptCache
 from .generate import GenerationResponse, stream_generate
-from .sample import MAX_PENALTY, MAX_TEMPERATURE
+from .sample import MAX_PENALTY, MAX_TEMPERATURE, SamplingSettings
 
 MAX_SESSION_BYTES = 20 * 1024 * 1024
 
@@ -149,10 +149,13 @@ class ChatSession:
     max_known_prefixes = 16
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, tools: Optional[list] = None,
-                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, engine=None, **sampling):
+                 max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, engine=None,
+                 defaults: Optional[SamplingSettings] = None, **sampling):
         """``engine``: a shared (e.g. threaded) ``lfm_mlx.engine.Engine`` to reply through, so that
-        several sessions are answered in one batch; by default each reply runs on its own."""
-        self.model, self.tokenizer, self.engine = model, tokenizer, engine
+        several sessions are answered in one batch; by default each reply runs on its own.
+        ``defaults``: sampling settings for what ``sampling`` leaves out (the checkpoint's
+        ``read_generation_config``); ``sampling``: this session's own, saved with it."""
+        self.model, self.tokenizer, self.engine, self.defaults = model, tokenizer, engine, defaults
         self.system, self.tools = system, tools
         self.sampling = sampling
         self.cache = PromptCache(model, max_kv_size=max_kv_size, kv_bits=kv_bits)
@@ -248,7 +251,8 @@ class ChatSession:
         self._remember(prompt_text, prompt)
         options = {**self.sampling, **sampling}
         stream = stream_generate(self.model, self.tokenizer, prompt, prompt_cache=self.cache,
-                                 checkpoints=[len(before_last)], engine=self.engine, **options)
+                                 checkpoints=[len(before_last)], engine=self.engine, defaults=self.defaults,
+                                 **options)
         reply, generated, finished = [], [], None
         try:
             for response in stream:
@@ -291,7 +295,7 @@ class ChatSession:
             raise
 
     @classmethod
-    def load(cls, path: Union[str, Path], model, tokenizer) -> "ChatSession":
+    def load(cls, path: Union[str, Path], model, tokenizer, **options) -> "ChatSession":
         """A session from ``save``'s JSON; the next message prefills the conversation once. Raises
         ValueError with one line naming the field and the problem for a file ``save`` would not write."""
         path = Path(path)
@@ -303,7 +307,7 @@ class ChatSession:
         sampling = saved.sampling.model_dump(exclude_unset=True) if saved.sampling else {}
         try:
             session = cls(model, tokenizer, system=saved.system, tools=saved.tools, max_kv_size=saved.max_kv_size,
-                          kv_bits=saved.kv_bits, **sampling)
+                          kv_bits=saved.kv_bits, **options, **sampling)
         except ValueError as e:  # what the session itself refuses, e.g. a KV window too small
             raise ValueError(f"{path.name}: {e}") from None
         session.messages = [m for m in messages if m["role"] != "system"]

@@ -405,6 +405,7 @@ class GrammarConstraint:
         self._pending: Future | None = None
         self._closing: list[int] = []  # forced tokens once the budget runs out
         self._close_len = 0
+        self.closed_by_budget = False  # the budget ran low and the output was closed early
         self.generated: list[int] = []
         self.stats = MaskStats()
 
@@ -479,7 +480,7 @@ class GrammarConstraint:
             return  # cannot close within the budget (e.g. a pattern): leave it to the model
         self._close_len = len(plan)
         if remaining <= len(plan) + FORCE_SLACK:
-            self._closing = plan
+            self._closing, self.closed_by_budget = plan, True
 
     def _closing_plan(self, limit: int) -> list[int] | None:
         """Greedy completion on a copy of the matcher, ending with EOS; None if over `limit`."""

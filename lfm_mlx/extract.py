@@ -83,6 +83,7 @@ class Extraction:
     chunked: bool = False
     chunks: int = 1
     stats: ExtractionStats = field(default_factory=ExtractionStats)
+    closed_by_budget: bool = False  # max_tokens ran low: the grammar closed the JSON early (raise it for more)
 
     @classmethod
     def failed(cls, error: str) -> "Extraction":
@@ -102,6 +103,7 @@ class _Output:
     raw: str
     stats: ExtractionStats
     error: Optional[str] = None
+    closed_by_budget: bool = False
 
 
 # --- prompting --------------------------------------------------------------------------------------
@@ -313,15 +315,17 @@ def _requests(model, tokenizer, prompts: Iterable[list[int]], schema: dict, *, m
               temperature: float, seed: Optional[int], cancel: Optional[threading.Event]) -> Iterator[Request]:
     """One engine request per chunk prompt, each with a grammar of its own, built only when the
     engine has room for it (a grammar matcher is not free)."""
-    settings = sampling_settings(model, temperature=temperature, repetition_penalty=1.0)
+    settings = sampling_settings(temperature=temperature, repetition_penalty=1.0)
     for prompt in prompts:
         constraint = JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=max_tokens)
         yield Request(prompt, max_tokens=max_tokens, sampling=settings, seed=seed, logits_processors=[constraint],
                       checkpoints=message_starts(tokenizer, prompt), cancel=cancel)
 
 
-def _outputs(engine: Engine, requests: Iterable[Request]) -> Iterator[tuple[int, _Output]]:
-    """(i, output) for request i as each finishes; a row that fails is an output with its error."""
+def _outputs(engine: Engine, requests: Iterable[Request],
+             on_tokens: Optional[Callable[[int], None]] = None) -> Iterator[tuple[int, _Output]]:
+    """(i, output) for request i as each finishes; a row that fails is an output with its error.
+    ``on_tokens(n)``: n more tokens were generated (by any row)."""
     texts: dict[int, list[str]] = {}
     last: dict[int, GenerationResponse] = {}
     processors: dict[int, JSONConstraint] = {}
@@ -334,6 +338,8 @@ def _outputs(engine: Engine, requests: Iterable[Request]) -> Iterator[tuple[int,
     for i, item in engine.stream_many(remembered(requests)):
         if isinstance(item, GenerationResponse):
             texts.setdefault(i, []).append(item.text)
+            if on_tokens is not None:
+                on_tokens(item.generation_tokens - (last[i].generation_tokens if i in last else 0))
             last[i] = item
             continue
         r, constraint = last.pop(i, None), processors.pop(i)
@@ -342,7 +348,8 @@ def _outputs(engine: Engine, requests: Iterable[Request]) -> Iterator[tuple[int,
             stats = ExtractionStats(r.prompt_tokens, r.generation_tokens, r.generation_tps, r.ttft_s,
                                     constraint.stats.ms_per_token, r.peak_memory_mb)
         error = f"generation failed: {item}" if isinstance(item, BaseException) else None
-        yield i, _Output("".join(texts.pop(i, [])), stats, error=error)
+        yield i, _Output("".join(texts.pop(i, [])), stats, error=error,
+                         closed_by_budget=constraint.closed_by_budget)
 
 
 def _combined(stats: Sequence[ExtractionStats]) -> ExtractionStats:
@@ -366,7 +373,8 @@ def _assemble(text: str, schema: dict, outputs: Sequence[_Output]) -> Extraction
     data = merge_all(good, schema) if good else results[0][0]
     return Extraction(data=data, raw="\n".join(o.raw for o in outputs), spans=ground(data, text),
                       valid=bool(good), error=errors[0] if errors else None, chunked=len(outputs) > 1,
-                      chunks=len(outputs), stats=_combined([o.stats for o in outputs]))
+                      chunks=len(outputs), stats=_combined([o.stats for o in outputs]),
+                      closed_by_budget=any(o.closed_by_budget for o in outputs))
 
 
 def _prepare(schema: dict | type, instructions: Optional[str], examples: Optional[Sequence[tuple[str, Any]]],
@@ -407,14 +415,17 @@ def extract(model, tokenizer, text: str, schema: dict | type, *, instructions: O
             examples: Optional[Sequence[tuple[str, Any]]] = None, max_tokens: int = DEFAULT_MAX_TOKENS,
             temperature: float = 0.0, seed: Optional[int] = None,
             context_budget: int = DEFAULT_CONTEXT_BUDGET, engine: Optional[Engine] = None,
-            cancel: Optional[threading.Event] = None) -> Extraction:
+            cancel: Optional[threading.Event] = None,
+            on_tokens: Optional[Callable[[int], None]] = None) -> Extraction:
     """Extract the object `schema` describes (a JSON Schema dict or a Pydantic model class) from `text`.
 
     Raises SchemaError for an unsupported or invalid schema, ValueError for bad examples, TypeError
     for a text that is not a string and ValueError for one that is empty or not valid Unicode, all
     before generating; a result that fails validation is returned with `valid` False and `error` set.
     `max_tokens` bounds each chunk's output: the grammar closes the document in time. `engine`: run
-    the chunks as rows of a shared engine; `cancel`: an event that stops them (raises `Cancelled`).
+    the chunks as rows of a shared engine; `cancel`: an event that stops them (raises `Cancelled`);
+    `on_tokens(n)`: n more tokens were generated (live progress). `closed_by_budget` on the result
+    says the budget ran low and the grammar closed the JSON early.
     """
     problem = _text_problem(text)
     if problem:
@@ -422,7 +433,7 @@ def extract(model, tokenizer, text: str, schema: dict | type, *, instructions: O
         raise ValueError(problem) if isinstance(text, str) else TypeError(problem)
     return extract_many(model, tokenizer, [text], schema, instructions=instructions, examples=examples,
                         max_tokens=max_tokens, temperature=temperature, seed=seed, context_budget=context_budget,
-                        engine=engine, cancel=cancel, progress=False)[0]
+                        engine=engine, cancel=cancel, progress=False, on_tokens=on_tokens)[0]
 
 
 def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
@@ -430,15 +441,16 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0, seed: Optional[int] = None,
                  context_budget: int = DEFAULT_CONTEXT_BUDGET, batch_size: int = 8, progress: bool = True,
                  engine: Optional[Engine] = None, cancel: Optional[threading.Event] = None,
-                 on_result: Optional[Callable[[int, Extraction], None]] = None) -> list[Extraction]:
+                 on_result: Optional[Callable[[int, Extraction], None]] = None,
+                 on_tokens: Optional[Callable[[int], None]] = None) -> list[Extraction]:
     """`extract` for many texts at once, results in the order given, with a progress bar.
 
     Every chunk of every text is a row of the continuous-batching engine (`batch_size` rows at once
     on an engine of its own, or `engine`'s): a row that finishes makes room for the next, and one
     that fails fails alone. A text that `extract` would refuse (not a string, empty, not valid
     Unicode) gives a failed Extraction and the others go on. `on_result(i, extraction)` is called as
-    text i finishes; when `cancel` is set, the rows stop within a step and `Cancelled` is raised
-    (what `on_result` received is all that finished).
+    text i finishes, `on_tokens(n)` as n more tokens are generated; when `cancel` is set, the rows
+    stop within a step and `Cancelled` is raised (what `on_result` received is all that finished).
     """
     schema, messages = _prepare(schema, instructions, examples, max_tokens)
     if batch_size < 1:
@@ -468,7 +480,7 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
                 bar.update(1)
                 if on_result:
                     on_result(i, result)
-        for row, output in _outputs(engine, requests):
+        for row, output in _outputs(engine, requests, on_tokens):
             if cancel is not None and cancel.is_set():
                 break
             i = chunks[row]

@@ -68,9 +68,10 @@ def message_starts(tokenizer, ids: Sequence[int]) -> list[int]:
     return [i for i, t in enumerate(ids) if t == start and i > 0]
 
 
-def sampling_settings(model, **overrides) -> SamplingSettings:
-    """The checkpoint's sampling defaults with the caller's overrides (None keeps a default)."""
-    return getattr(model, "sampling_defaults", SamplingSettings()).updated(**overrides)
+def sampling_settings(defaults: Optional[SamplingSettings] = None, **overrides) -> SamplingSettings:
+    """``defaults`` (a checkpoint's generation config, ``read_generation_config``; None: Liquid's
+    recommended settings) with the caller's overrides (None keeps a default)."""
+    return (defaults or SamplingSettings()).updated(**overrides)
 
 
 def prefill_chunk_size(layers: list, requested: int) -> int:
@@ -224,9 +225,10 @@ def stream_generate(
     draft_tokens: int = 3,
     engine: Optional[Engine] = None,
     cancel: Optional[threading.Event] = None,
+    defaults: Optional[SamplingSettings] = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield one ``GenerationResponse`` per generated token. Sampling settings default to the
-    checkpoint's generation_config.json (see ``lfm_mlx.sample``). Pass a ``PromptCache`` to reuse
+    """Yield one ``GenerationResponse`` per generated token. Sampling settings left out come from
+    ``defaults`` (e.g. ``read_generation_config(path)``), else Liquid's recommended ones. Pass a ``PromptCache`` to reuse
     state across calls: only the part of ``prompt`` that differs from what it holds is prefilled.
     ``engine``: run as one row of a shared (e.g. threaded) engine instead of one of its own;
     ``cancel``: an event that, once set (from any thread), ends the generation within a step.
@@ -236,7 +238,7 @@ def stream_generate(
     copies from the prompt (extraction, editing); it needs temperature=0 and no logits processors."""
     tokens = encode_prompt(tokenizer, prompt, tools)
     settings = sampling_settings(
-        model, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        defaults, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size)
     if speculative not in (None, False, True, "prompt_lookup"):
         raise ValueError(f"speculative must be 'prompt_lookup' (or True), not {speculative!r}")
@@ -322,13 +324,14 @@ def batch_generate(
     seed: Optional[int] = None,
     max_batch: int = 32,
     engine: Optional[Engine] = None,
+    defaults: Optional[SamplingSettings] = None,
     **sampling,
 ) -> list[str]:
     """Generate for several prompts at once through the engine: rows join as others leave, each
     equal to its prompt generated alone (greedy). ``row_logits_processors[i]`` apply to row i only
     (e.g. one grammar per document); row i samples with seed ``seed + i``."""
     rows = [encode_prompt(tokenizer, p) for p in prompts]
-    settings = sampling_settings(model, **sampling)
+    settings = sampling_settings(defaults, **sampling)
     processors = row_logits_processors or [() for _ in rows]
     if len(processors) != len(rows):
         raise ValueError(f"row_logits_processors has {len(processors)} entries for {len(rows)} prompts")

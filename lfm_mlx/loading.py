@@ -18,7 +18,6 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, load_config
 from .model import Model
-from .sample import read_generation_config
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -259,7 +258,6 @@ def load_model(
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
-    model.sampling_defaults = read_generation_config(model_path)
     if not lazy:
         mx.eval(model.parameters())
         bad = nonfinite_tensors(dict(tree_flatten(model.parameters())))

@@ -310,6 +310,7 @@ def main(argv=None) -> int:
 
     from .resolve import resolve_model
     from .loading import load
+    from .sample import read_generation_config
 
     try:
         choice = resolve_model(args.model, demo=args.demo, log=lambda m: print(m, file=sys.stderr))
@@ -319,7 +320,8 @@ def main(argv=None) -> int:
         return 2
     engine = Engine(model, tokenizer, max_batch=args.max_batch, interleave_tokens=args.interleave_tokens,
                     prefix_cache_bytes=args.prefix_cache_mb << 20)
-    limits = Limits(context=context_limit(model, args.max_kv_size), max_tokens=args.max_tokens)
+    limits = Limits(context=context_limit(model, args.max_kv_size), max_tokens=args.max_tokens,
+                    defaults=read_generation_config(choice.path))
     server = Server(engine, choice.name, limits=limits, api_key=args.api_key, max_queue=args.max_queue,
                     kv_bits=args.kv_bits, aliases=(str(choice.path),))
     engine.start()

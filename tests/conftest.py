@@ -6,11 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "lfm2-reference"
 LFM2_350M = SHARED / "LFM2-350M"
 LFM25_TOKENIZER = SHARED / "LFM2.5-1.2B-Base"
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)  # sampling settings for exact comparisons
+EOS = 7  # TINY_CONFIG's end-of-sequence token (the real tokenizers' <|im_end|>)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 # A small LFM2 with the real vocabulary, so the real tokenizer drives it.
@@ -29,6 +33,13 @@ TINY_CONFIG = dict(
     bos_token_id=1,
     pad_token_id=0,
 )
+
+
+def relative_error(ours, theirs) -> float:
+    """max |ours - theirs| / max |theirs|, for MLX or NumPy arrays."""
+    ours, theirs = (np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x, dtype=np.float64)
+                    for x in (ours, theirs))
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def require_shared() -> Path:

@@ -413,7 +413,7 @@ def demo_runtime(app_url):
 
     (path,) = Path(_APP["cache"]).glob("demo-*")
     model, tokenizer = lfm_mlx.load(path)
-    return types.SimpleNamespace(model=model, tokenizer=tokenizer)
+    return types.SimpleNamespace(model=model, tokenizer=tokenizer, sampling_defaults=lfm_mlx.read_generation_config(path))
 
 
 def test_malformed_chat_imports_give_one_clear_line(demo_runtime, tmp_path):

@@ -297,14 +297,35 @@ def test_batch_extraction_and_bad_uploads(page, tmp_path):
     assert "doc0.txt" in table and "doc1.txt" in table and "looks binary" in table
 
 
-def test_stop_ends_an_extraction(page):
+def test_an_extraction_shows_its_progress_and_stop_frees_the_engine_at_once(page):
     page.fill("#source textarea", LONG_DOCUMENT)  # a dozen chunks: minutes of work on the demo model
     page.click("#extract-run")
-    page.wait_for_selector("#extract-status :text('Extracting')")
-    time.sleep(1.0)
+    page.wait_for_selector(r"#extract-status :text-matches('Extracting… [\\d,]+ tokens · [\\d.]+ tok/s')",
+                           timeout=120_000)
     page.click("#extract-stop")
-    page.wait_for_selector("#extract-status :text('Stopped.')")
-    assert wait_until_idle(_APP["url"], timeout=5) < 5  # its rows have left the engine
+    stopped = time.monotonic()
+    assert wait_until_idle(_APP["url"], timeout=5) + (time.monotonic() - stopped) < 1.0  # its rows have left
+    page.wait_for_selector(r"#extract-status :text-matches('Stopped after [\\d,]+ tokens')")
+
+
+def test_a_small_budget_is_reported_and_an_edited_schema_marks_the_old_result(page):
+    page.reload(wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Extract").click()
+    page.fill("#source textarea", "Some notes about the meeting.")
+    page.click("#schema .cm-content")
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(json.dumps({"type": "object", "properties": {"notes": {"type": "string"}},
+                                          "required": ["notes"]}))
+    page.wait_for_selector("#schema-status :text('Schema is valid')")
+    assert page.input_value("#preset input") == ""  # the preset no longer names this schema
+    page.fill("#extract-max-tokens input", "24")
+    page.click("#extract-run")
+    page.wait_for_selector("#extract-status :text('closed early by the 24-token budget')")
+    page.click("#schema .cm-content")
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text("{oops")
+    page.wait_for_selector("#schema-status :text('✗')")
+    page.wait_for_selector("#extract-status :text('the result below is from the previous one')")
 
 
 def test_stop_ends_a_batch_and_keeps_what_finished(page, tmp_path):

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 import lfm_mlx
-from conftest import ban
+from conftest import EOS, GREEDY, ban
 from lfm_mlx.cache import ConvCache, KVCache, PromptCache, restore, snapshot
 from lfm_mlx.generate import prefill
 
-GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
-EOS = 7
 
 
 def kv_caches(layers):

@@ -7,10 +7,8 @@ import json
 import pytest
 
 import lfm_mlx
-from conftest import ban, forcing
+from conftest import EOS, GREEDY, ban, forcing
 
-GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
-EOS = 7
 
 
 def run(stream):

@@ -28,9 +28,9 @@ from lfm_mlx.constrain import (  # noqa: E402
     tool_call_grammar)
 from lfm_mlx.tools import TOOL_CALL_END, TOOL_CALL_START, parse_tool_calls, tool_function  # noqa: E402
 from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS  # noqa: E402
+from conftest import EOS
 
 VOCAB = 65536  # the model's logits width; the tokenizer has 64,400 entries
-EOS = 7
 TOKENIZER = AutoTokenizer.from_pretrained(REFERENCE / "LFM2-350M")
 PROMPT = mx.array(TOKENIZER.encode("<|im_start|>user\nExtract the data.<|im_end|>\n<|im_start|>assistant\n"))
 

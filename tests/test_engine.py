@@ -10,14 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import conftest
 import lfm_mlx
-from conftest import ban, forcing
+from conftest import EOS, ban, forcing
 from lfm_mlx.constrain import JSONConstraint
 from lfm_mlx.engine import Engine, Request
 from lfm_mlx.sample import SamplingSettings
 
-GREEDY = SamplingSettings(temperature=0.0, repetition_penalty=1.0)
-EOS = 7
+GREEDY = SamplingSettings(**conftest.GREEDY)  # the engine takes settings objects
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

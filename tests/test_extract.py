@@ -270,6 +270,20 @@ def test_random_350m_shape_output_always_validates(model_350m, name, temperature
     assert_valid([result], PRESETS[name], 32)
 
 
+def test_progress_counts_every_token_and_an_early_close_is_reported(tiny):
+    """on_tokens adds up to the tokens generated; a budget too small for the model's own ending is
+    closed by the grammar and says so, a roomy one does not."""
+    model, tok = tiny
+    schema = {"type": "object", "properties": {"notes": {"type": "string"}}, "required": ["notes"]}
+    counts: list[int] = []
+    tight = extract(model, tok, "Some notes.", schema, max_tokens=24, on_tokens=counts.append)
+    assert tight.valid and tight.closed_by_budget
+    assert sum(counts) == tight.stats.generation_tokens and all(n > 0 for n in counts)
+    bounded = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    roomy = extract(model, tok, "Some notes.", bounded, max_tokens=256)
+    assert roomy.valid and not roomy.closed_by_budget
+
+
 def test_pydantic_model_class_as_schema(tiny):
     class Cat(BaseModel):
         kind: Literal["cat"]

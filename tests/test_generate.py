@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 
 import lfm_mlx
-from conftest import ban, forcing
+from conftest import EOS, GREEDY, ban, forcing
 from lfm_mlx.generate import StopMatcher
 
-GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
-EOS = 7
 
 
 def uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -99,6 +97,19 @@ def test_seed_makes_sampling_reproducible(tiny):
     b = [r.token for r in lfm_mlx.stream_generate(model, tok, "Once upon", seed=7, **opts)]
     c = [r.token for r in lfm_mlx.stream_generate(model, tok, "Once upon", seed=8, **opts)]
     assert a == b and a != c
+
+
+def test_checkpoint_defaults_are_passed_explicitly_and_arguments_override_them(tiny, tmp_path):
+    """A checkpoint's generation config reaches generation only when passed as ``defaults``."""
+    model, tok = tiny
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "repetition_penalty": 1.0}')
+    defaults = lfm_mlx.read_generation_config(tmp_path)
+    opts = dict(max_tokens=16, logits_processors=[ban(EOS)])
+    greedy = [r.token for r in lfm_mlx.stream_generate(model, tok, "Once upon", **GREEDY, **opts)]
+    assert [r.token for r in lfm_mlx.stream_generate(model, tok, "Once upon", defaults=defaults, **opts)] == greedy
+    sampled = [r.token for r in lfm_mlx.stream_generate(model, tok, "Once upon", defaults=defaults, temperature=1.0,
+                                                        top_k=0, seed=3, **opts)]
+    assert sampled != greedy and not hasattr(model, "sampling_defaults")
 
 
 def test_multibyte_text_streams_without_split_characters(tiny):

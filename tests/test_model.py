@@ -8,13 +8,9 @@ import pytest
 import torch
 
 import lfm_mlx
-from conftest import write_checkpoint
+from conftest import relative_error, write_checkpoint
 
 BOUND = 1e-4  # max |ours - theirs| / max |theirs|
-
-
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
