@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from lfm_mlx.resolve import resolve_model
 
-    from . import MAX_REPLY_TOKENS, Runtime
+    from .runtime import MAX_REPLY_TOKENS, Runtime
 
     try:
         choice = resolve_model(args.model, demo=args.demo)

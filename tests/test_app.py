@@ -394,7 +394,7 @@ def test_model_info_describes_the_demo(client):
 def test_uploads_refuse_binary_oversized_and_unsupported_files(tmp_path):
     import gradio as gr
 
-    from app.ui import MAX_UPLOAD_BYTES, read_upload
+    from app.inputs import MAX_UPLOAD_BYTES, read_upload
 
     (tmp_path / "ok.md").write_text("# Notes\ncafé")
     assert read_upload(str(tmp_path / "ok.md")) == "# Notes\ncafé"
@@ -419,7 +419,7 @@ def demo_runtime(app_url):
 def test_malformed_chat_imports_give_one_clear_line(demo_runtime, tmp_path):
     import gradio as gr
 
-    from app.ui import load_chat
+    from app.inputs import load_chat
 
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     cases = {
@@ -442,7 +442,7 @@ def test_malformed_chat_imports_give_one_clear_line(demo_runtime, tmp_path):
 
 
 def test_rendering_a_chat_with_20000_tool_calls_is_quick():
-    from app.ui import MAX_SHOWN_CALLS, render
+    from app.chat_tab import MAX_SHOWN_CALLS, render
 
     content = "<|tool_call_start|>[" + "f(x=1)," * 20_000 + "]<|tool_call_end|>"  # ~140 KB
     assert 135_000 < len(content) < 145_000
@@ -461,7 +461,7 @@ def test_rendering_a_chat_with_20000_tool_calls_is_quick():
 
 
 def test_highlights_and_tables_from_an_extraction():
-    from app.ui import array_fields, highlighted_html, highlights, table
+    from app.extract_tab import array_fields, highlighted_html, highlights, table
 
     text = "Ann paid 5 EUR to Bob."
     spans = {"$.payer": (0, 3), "$.payee": (18, 21), "$.items[0].name": None}
@@ -477,7 +477,8 @@ def test_highlights_and_tables_from_an_extraction():
 
 
 def test_runtime_switches_models_and_the_sessions_and_the_api_follow(tiny_checkpoint, tmp_path):
-    from app import Runtime, Sessions
+    from app.runtime import Runtime
+    from app.sessions import Sessions
     from lfm_mlx import demo
     from lfm_mlx.api import Limits
     from lfm_mlx.resolve import ModelChoice
@@ -505,7 +506,7 @@ def test_runtime_switches_models_and_the_sessions_and_the_api_follow(tiny_checkp
 
 
 def test_runtime_stream_merges_a_fast_stream_and_cancels_when_closed():
-    from app import Runtime
+    from app.runtime import Runtime
 
     runtime = Runtime.__new__(Runtime)  # the stream machinery only: no model
 
@@ -539,7 +540,8 @@ def test_runtime_stream_merges_a_fast_stream_and_cancels_when_closed():
 
 
 def test_a_failed_turn_leaves_no_reply_stats_and_frees_the_session():
-    from app import ChatState, Runtime, run_turn
+    from app.runtime import Runtime
+    from app.sessions import ChatState, run_turn
 
     session = types.SimpleNamespace(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     runtime = Runtime.__new__(Runtime)  # no model: a session that fails before its first token
@@ -563,7 +565,7 @@ def test_a_failed_turn_leaves_no_reply_stats_and_frees_the_session():
 
 
 def test_tool_calls_render_as_tool_call_messages():
-    from app.ui import _assistant_messages
+    from app.chat_tab import _assistant_messages
 
     reply = 'Let me check.<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>'
     stats = dict(ttft_s=0.05, tokens=20, tps=100.0, peak_mb=50.0, cached=0, prompt=30, finish="stop", at=0.0)
