@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
+from lfm_mlx.constrain import schema_report
 from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import DEFAULT_MAX_TOKENS as DEFAULT_EXTRACT_TOKENS
 from lfm_mlx.extract import extract_many
@@ -137,12 +138,12 @@ def write_downloads(name: str, records: list[tuple[str, Any]]) -> list[str]:
 
 
 def check(schema_text: str) -> str:
-    """The status line under the schema."""
+    """The status line under the schema: refused, or what the grammar enforces and what is only
+    checked after generation."""
     try:
-        parse_schema(schema_text)
+        return schema_report(parse_schema(schema_text)).summary()
     except gr.Error as e:
         return f"✗ {e.message}"
-    return "✓ Schema is valid and supported."
 
 
 def extraction(runtime: Runtime, texts: list[str], schema: dict, instructions: Optional[str], max_tokens: int,

@@ -31,61 +31,173 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .tools import TOOL_CALL_END, TOOL_CALL_START, tool_function
 
-# annotations only (discriminator: Pydantic tagged unions, enforced by their oneOf)
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "$schema", "$id", "$comment",
-    "deprecated", "readOnly", "writeOnly", "discriminator"})
-SUPPORTED_KEYWORDS = ANNOTATIONS | {
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
-    "minItems", "maxItems", "enum", "const", "pattern", "minLength", "maxLength",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf",
-    "$ref", "$defs", "definitions", "format"}
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+SUBSCHEMA = frozenset({"items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+                       "additionalItems", "unevaluatedProperties", "unevaluatedItems"})
+SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
+SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
+                            "dependencies"})
+# The other keywords of JSON Schema (drafts 4 to 2020-12) that say what a valid document is, and the
+# identifiers $refs may point through. Any other key is an annotation (the spec's word): ignored.
+VALUE_KEYWORDS = frozenset({
+    "type", "enum", "const", "required", "pattern", "format", "minLength", "maxLength", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "uniqueItems", "minProperties",
+    "maxProperties", "dependentRequired", "minContains", "maxContains", "$ref", "$schema", "$id", "id",
+    "$anchor", "$dynamicRef", "$dynamicAnchor", "$recursiveRef", "$recursiveAnchor"})
 # What a tool's `parameters` may say at its top level: the call grammar enforces exactly these.
-PARAMETERS_KEYWORDS = ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "$defs", "definitions"}
+PARAMETERS_KEYWORDS = frozenset({"type", "properties", "required", "additionalProperties", "$defs", "definitions"})
 MAX_SCHEMA_CHARS = 2_000_000  # as JSON; real-world schemas reach ~900 KB (SchemaStore)
 MAX_SCHEMA_DEPTH = 64  # nesting of the schema document itself
 SEPARATORS = b"@:./-TZ+"  # what moves a format on to its next part: e-mail, URI, host name, date-time
 FORCE_SLACK = 20  # closing starts this early: room to finish a value opened meanwhile (a date-time: ~16)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's lenient mode: what it cannot enforce (oneOf as anyOf, `not`, `uniqueItems`, unknown formats...)
+# is left out of the grammar with a warning; jsonschema checks the whole schema after generation.
+LENIENT_OPTIONS = {**JSON_OPTIONS, "lenient": True}
 
 
 class SchemaError(ValueError):
     """The schema is invalid, or uses something the constraint cannot enforce."""
 
 
-@lru_cache(maxsize=None)
-def _format_supported(fmt: str) -> bool:
-    return not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema({"type": "string", "format": fmt}))
+@lru_cache(maxsize=4096)
+def _pattern_compiles(pattern: str) -> bool:
+    """llguidance's regex dialect has no lookarounds or backreferences."""
+    grammar = LLMatcher.grammar_from_json_schema({"type": "string", "pattern": pattern})
+    return not LLMatcher.validate_grammar(grammar)
 
 
-def _walk(node: Any, path: str) -> Any:
-    """Reject unsupported keywords; return a copy where objects declaring all their
-    required `properties` default to additionalProperties false (stricter, so the
-    output stays valid, and a model cannot wander off into invented keys)."""
+def _walk(node: Any, path: str, dropped: list[str], close: bool = True) -> Any:
+    """The schema as the grammar gets it: annotations (any key that is not a keyword) left out, patterns
+    llguidance cannot compile left to validation (named in `dropped`), and with `close`, objects declaring
+    all their required `properties` closed to other keys (stricter, so the output stays valid, and a model
+    cannot wander off into invented keys; not where `allOf` may merge them with other properties)."""
     if not isinstance(node, dict):
         return node  # boolean schema
-    out = dict(node)
+    out: dict = {}
     for key, value in node.items():
-        if key not in SUPPORTED_KEYWORDS:
-            raise SchemaError(f"unsupported schema keyword {key!r} at {path}")
-        if key == "$ref" and not value.startswith(("#/$defs/", "#/definitions/")):
-            raise SchemaError(f"unsupported schema keyword '$ref' (non-local {value!r}) at {path}")
-        if key == "format" and not _format_supported(value):
-            raise SchemaError(f"unsupported schema keyword 'format' ({value!r}) at {path}")
-        if key in ("properties", "$defs", "definitions"):
-            out[key] = {name: _walk(sub, f"{path}.{key}.{name}") for name, sub in value.items()}
-        elif key in ("anyOf", "oneOf", "prefixItems") or (key == "items" and isinstance(value, list)):
-            out[key] = [_walk(sub, f"{path}.{key}[{i}]") for i, sub in enumerate(value)]
-        elif key in ("items", "additionalProperties"):
-            out[key] = _walk(value, f"{path}.{key}")
-    if "properties" in out and set(out.get("required", ())) <= out["properties"].keys():
+        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _walk(sub, f"{path}.{key}.{name}", dropped, close) for name, sub in value.items()}
+        elif key in SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_walk(sub, f"{path}.{key}[{i}]", dropped, close) for i, sub in enumerate(value)]
+        elif key in SUBSCHEMA:
+            out[key] = _walk(value, f"{path}.{key}", dropped, close)
+        elif key == "pattern" and isinstance(value, str) and not _pattern_compiles(value):
+            dropped.append(f"pattern at {path}")
+        elif key in VALUE_KEYWORDS:
+            out[key] = value
+    if close and isinstance(out.get("properties"), dict) and set(out.get("required", ())) <= out["properties"].keys() \
+            and not ({"patternProperties", "anyOf", "oneOf", "$ref"} & out.keys()):
         out.setdefault("additionalProperties", False)
     return out
 
 
+@dataclass(frozen=True)
+class SchemaReport:
+    """What the grammar enforces token by token, and what only jsonschema checks once a document is
+    complete (an extraction failing it is sampled again, then reported invalid with the rule and path)."""
+
+    enforced: tuple[str, ...]  # the schema's keywords, as the grammar enforces them
+    validated_after: tuple[str, ...]  # what the grammar leaves out, e.g. "uniqueItems", "oneOf (as anyOf)"
+
+    def summary(self) -> str:
+        if not self.validated_after:
+            return "✓ Schema is valid and supported: the grammar enforces all of it."
+        return ("✓ Schema is valid and supported. Checked after generation (resampled if broken): "
+                + ", ".join(self.validated_after) + ".")
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    grammar: str
+    report: SchemaReport
+
+
+def _keywords(node: Any) -> set[str]:
+    """Every keyword used anywhere in the schema."""
+    found, stack = set(), [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack += node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+                    found.add(key)
+                    stack += value.values()
+                elif key in SUBSCHEMA or key in SUBSCHEMA_LISTS:
+                    found.add(key)
+                    stack.append(value)
+                elif key in VALUE_KEYWORDS:
+                    found.add(key)
+    return found
+
+
+def _root_as_definition(schema: dict) -> dict:
+    """`schema` with its body moved into a definition when something refers to the root (`"$ref": "#"`):
+    llguidance cannot resolve a recursion through a root that has other keys beside it."""
+    text = json.dumps(schema, ensure_ascii=False)
+    if '"$ref": "#"' not in text:
+        return schema
+    key = "$defs" if "$defs" in schema else "definitions"
+    ref = f"#/{key}/__root__"
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions", "$schema", "$id", "id")}
+    moved = json.loads(json.dumps({"$ref": ref, key: {**schema.get(key, {}), "__root__": body}},
+                                  ensure_ascii=False).replace('"$ref": "#"', f'"$ref": "{ref}"'))
+    return moved
+
+
+def _left_out(warnings: list[str]) -> list[str]:
+    """llguidance's warnings as the constraints they leave to validation."""
+    out = []
+    for warning in warnings:
+        if m := re.match(r"Unimplemented keys: (\[.*?\])", warning):
+            out += json.loads(m.group(1))
+        elif warning.startswith("oneOf"):
+            out.append("oneOf (as anyOf)")
+        elif m := re.match(r"Unknown format: (\S+)", warning):
+            out.append(f"format {m.group(1)}")
+        elif warning.startswith("min/maxProperties"):
+            out.append("minProperties/maxProperties")
+        else:
+            out.append(warning.split(":")[0][:60])
+    return out
+
+
+@lru_cache(maxsize=64)
+def _compile(canonical: str) -> _Compiled:
+    """The grammar for a schema (as canonical JSON): as written when llguidance enforces all of it, else
+    in its lenient mode; SchemaError in one line when neither compiles."""
+    schema = json.loads(canonical)
+    dropped: list[str] = []
+    prepared = _root_as_definition(_walk(schema, "$", dropped, close="allOf" not in _keywords(schema)))
+    grammar = LLMatcher.grammar_from_json_schema(prepared, overrides=JSON_OPTIONS)
+    failed, warnings = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        grammar = LLMatcher.grammar_from_json_schema(prepared, overrides=LENIENT_OPTIONS)
+        failed, warnings = LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        error = LLMatcher.validate_grammar(grammar).strip().splitlines()[0][:300]
+        raise SchemaError(f"schema rejected by llguidance: {error}")
+    left_out = list(dict.fromkeys(_left_out(warnings) + ["pattern" for _ in dropped[:1]]))
+    enforced = sorted(_keywords(schema) - {k for k in left_out} - {"$schema", "$id", "id"})
+    return _Compiled(grammar, SchemaReport(tuple(enforced), tuple(left_out)))
+
+
+def _compiled(schema: dict) -> _Compiled:
+    return _compile(json.dumps(schema, ensure_ascii=False))  # key order kept: properties come in their order
+
+
 def build_grammar(schema: dict) -> str:
-    """llguidance grammar for `schema`: json.dumps layout, no free whitespace."""
-    return LLMatcher.grammar_from_json_schema(_walk(schema, "$"), overrides=JSON_OPTIONS)
+    """llguidance grammar for `schema`: json.dumps layout, no free whitespace; what llguidance cannot
+    enforce is left to validation (see `schema_report`)."""
+    return _compiled(schema).grammar
+
+
+def schema_report(schema: dict | type) -> SchemaReport:
+    """Check the schema (SchemaError as `check_schema`) and say what the grammar enforces and what is
+    only validated after generation."""
+    return _compiled(check_schema(schema)).report
 
 
 def check_schema(schema: dict | type) -> dict:
@@ -103,9 +215,7 @@ def check_schema(schema: dict | type) -> dict:
         raise SchemaError(f"the schema nests more than {MAX_SCHEMA_DEPTH} levels of objects and arrays deep: "
                           "flatten it or move repeated parts into $defs")
     _check_meta(schema, "invalid schema")
-    error = LLMatcher.validate_grammar(build_grammar(schema))
-    if error:
-        raise SchemaError(f"schema rejected by llguidance: {error}")
+    _compiled(schema)
     _check_finite(schema)
     return schema
 
@@ -204,8 +314,8 @@ def tool_call_grammar(tools: list[dict], name: str | None = None) -> str:
         lines += _call_rules(f"t{i}", function)
     grammar = LLMatcher.grammar_from_lark("\n".join(lines))
     error = LLMatcher.validate_grammar(grammar)
-    if error:
-        raise SchemaError(f"tool grammar rejected by llguidance: {error}")
+    if error:  # strict: a forced call has no second try, so what the grammar cannot enforce is refused
+        raise SchemaError(f"tool grammar rejected by llguidance: {error.strip().splitlines()[0][:300]}")
     return grammar
 
 
@@ -223,10 +333,10 @@ def _call_rules(rule: str, function: dict) -> list[str]:
     if not isinstance(parameters, dict) or parameters.get("type") != "object":
         raise SchemaError(f"parameters of tool {name!r} must be an object schema ({{\"type\": \"object\", ...}})")
     _check_meta(parameters, f"invalid parameters of tool {name!r}")
-    for key in parameters:
+    for key in parameters.keys() & (VALUE_KEYWORDS | SUBSCHEMA | SUBSCHEMA_LISTS | SUBSCHEMA_MAPS):
         if key not in PARAMETERS_KEYWORDS:
             raise SchemaError(f"unsupported schema keyword {key!r} at {path}")
-    parameters = _walk(parameters, path)
+    parameters = _walk(parameters, path, [])
     properties = parameters.get("properties", {})
     required = set(parameters.get("required", ()))
     if missing := sorted(required - properties.keys()):

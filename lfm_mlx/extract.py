@@ -30,7 +30,8 @@ import jsonschema
 from tqdm import tqdm
 
 from .cache import DEFAULT_MAX_KV_SIZE
-from .constrain import JSONConstraint, SchemaError, check_schema
+from .constrain import (SUBSCHEMA, SUBSCHEMA_LISTS, SUBSCHEMA_MAPS, JSONConstraint, SchemaError, check_schema,
+                        schema_report)
 from .engine import Cancelled, Engine, GenerationResponse, Request
 from .generate import encode_prompt, message_starts, sampling_settings
 from .grounding import Span, ground
@@ -47,17 +48,15 @@ SYSTEM_PROMPT = ("Identify and extract information matching the following schema
 SCHEMA_PROMPT_CHARS = 16_000  # past this, the prompt shows a compact schema (the grammar enforces all of it)
 DESCRIPTION_CHARS = 120  # the second compaction keeps this much of each description
 MIN_DOCUMENT_TOKENS = 256  # the least room a prompt must leave for the document
+# An output breaking a rule the grammar cannot enforce (uniqueItems, not, if/then, ...) is sampled again,
+# this many times, at least this warm, before it is returned invalid.
+RESAMPLES = 2
+RESAMPLE_TEMPERATURE = 0.7
 # What the prompt's compact schema keeps: keywords that say what a valid document is, and descriptions.
 VALIDATION_KEYWORDS = frozenset({
     "type", "enum", "const", "required", "pattern", "format", "minLength", "maxLength", "minimum", "maximum",
     "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "uniqueItems", "minProperties",
     "maxProperties", "dependentRequired", "$ref", "description", "minContains", "maxContains"})
-# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
-SUBSCHEMA = frozenset({"items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
-                       "additionalItems", "unevaluatedProperties", "unevaluatedItems"})
-SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
-SUBSCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
-                            "dependencies"})
 
 __all__ = ["Extraction", "ExtractionStats", "SchemaError", "extract", "extract_many", "main"]
 
@@ -204,7 +203,7 @@ def _parse(raw: str, schema: dict) -> tuple[Any, Optional[str]]:
         return None, f"output is not JSON: {e}"
     error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
     if error is not None:
-        return data, f"output does not match the schema: {error.message} at {error.json_path}"
+        return data, f"output does not match the schema: {error.validator} failed at {error.json_path}: {error.message}"
     return data, None
 
 
@@ -459,9 +458,10 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
     engine = engine or Engine(model, tokenizer, max_batch=batch_size, prefix_cache_bytes=PREFIX_CACHE_BYTES)
     results: list[Optional[Extraction]] = [None if _text_problem(t) is None else Extraction.failed(_text_problem(t))
                                            for t in texts]
-    chunks: list[int] = []  # the text each chunk prompt belongs to
+    chunks: list[tuple[int, list[int]]] = []  # each chunk prompt: its text and its token ids
     outputs: dict[int, dict[int, _Output]] = {}  # text → chunk number → output
     expected: dict[int, int] = {}
+    held: dict[int, dict[int, _Output]] = {}  # texts with an invalid chunk, to sample again
 
     def prompts() -> Iterator[list[int]]:
         for i, text in enumerate(texts):
@@ -469,8 +469,14 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
                 parts = _chunk_prompts(tokenizer, messages, text, context_budget)
                 expected[i] = len(parts)
                 for part in parts:
-                    chunks.append(i)
-                    yield encode_prompt(tokenizer, part)
+                    chunks.append((i, encode_prompt(tokenizer, part)))
+                    yield chunks[-1][1]
+
+    def finish(i: int, done: dict[int, _Output]) -> None:
+        results[i] = _assemble(texts[i], schema, [done[r] for r in sorted(done)])
+        bar.update(1)
+        if on_result:
+            on_result(i, results[i])
 
     requests = _requests(model, tokenizer, prompts(), schema, max_tokens=max_tokens, temperature=temperature,
                          seed=seed, cancel=cancel)
@@ -483,17 +489,35 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
         for row, output in _outputs(engine, requests, on_tokens):
             if cancel is not None and cancel.is_set():
                 break
-            i = chunks[row]
+            i = chunks[row][0]
             outputs.setdefault(i, {})[row] = output
             if len(outputs[i]) == expected[i]:
                 done = outputs.pop(i)
-                results[i] = _assemble(texts[i], schema, [done[r] for r in sorted(done)])
-                bar.update(1)
-                if on_result:
-                    on_result(i, results[i])
+                if RESAMPLES and any(_invalid(o, schema) for o in done.values()):
+                    held[i] = done  # a rule the grammar leaves to validation broke: sample it again
+                else:
+                    finish(i, done)
+        for attempt in range(1, RESAMPLES + 1):
+            again = [row for done in held.values() for row, o in done.items() if _invalid(o, schema)]
+            if not again or (cancel is not None and cancel.is_set()):
+                break
+            retries = _requests(model, tokenizer, [chunks[row][1] for row in again], schema, max_tokens=max_tokens,
+                                temperature=max(temperature, RESAMPLE_TEMPERATURE),
+                                seed=None if seed is None else seed + attempt, cancel=cancel)
+            for k, output in _outputs(engine, retries, on_tokens):
+                if not _invalid(output, schema):
+                    held[chunks[again[k]][0]][again[k]] = output
+        if not (cancel is not None and cancel.is_set()):
+            for i, done in sorted(held.items()):
+                finish(i, done)
     if cancel is not None and cancel.is_set():
         raise Cancelled("the extraction was stopped")
     return results
+
+
+def _invalid(output: _Output, schema: dict) -> bool:
+    """A chunk's output that generated but is not a valid document (e.g. repeated items under uniqueItems)."""
+    return output.error is None and _parse(output.raw, schema)[1] is not None
 
 
 def _text_problem(text: Any) -> Optional[str]:
@@ -781,6 +805,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         outputs = [(flag, Path(p)) for flag, p in (("--output", args.output), ("--csv", args.csv)) if p]
         _check_outputs(outputs, inputs)
         schema = check_schema(load_schema(args.schema))
+        if left := schema_report(schema).validated_after:
+            log(f"note: the grammar cannot enforce {', '.join(left)}: checked after generation (sampled again if broken)")
         records = read_records(source)
         previous = _previous_rows(outputs[0][1], records) if args.resume else {}
         model, tokenizer = load(resolve_model(args.model, demo=args.demo, log=log).path)
