@@ -17,13 +17,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
-from lfm_mlx.constrain import schema_report
+from lfm_mlx.constrain import BudgetError, SchemaError, schema_report
 from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import DEFAULT_MAX_TOKENS as DEFAULT_EXTRACT_TOKENS
 from lfm_mlx.extract import extract_many
 
 from .inputs import (FREE, MAX_DOCUMENT_CHARS, PRIVATE, TEXT_TYPES, check_document, check_instructions,
-                     extraction_budget, parse_schema, read_upload, refuse, soft)
+                     as_sentence, extraction_budget, parse_schema, read_upload, refuse, soft)
 from .runtime import MAX_REPLY_TOKENS, Runtime
 from .sessions import Sessions
 
@@ -152,12 +152,19 @@ def extraction(runtime: Runtime, texts: list[str], schema: dict, instructions: O
     finish and of token counts as they are generated (``Progress`` tells them apart), ``[]`` as
     a heartbeat. Closing it, or setting ``cancel``, ends its rows within a step
     (then ``Cancelled`` is raised if it is still being read). A text the library cannot read (a
-    lone surrogate, say) gives a failed result, not an exception."""
+    lone surrogate, say) gives a failed result, not an exception; a budget below the schema's shortest
+    document, or a schema that leaves no room in the context, is refused with the fix."""
     def produce(emit: Callable) -> None:
         extract_many(runtime.model, runtime.tokenizer, texts, schema, instructions=instructions,
                      max_tokens=max_tokens, progress=False, engine=runtime.engine, cancel=cancel,
                      on_result=lambda i, result: emit((i, result)), on_tokens=emit)
-    return runtime.stream(produce, cancel)
+    try:
+        yield from runtime.stream(produce, cancel)
+    except BudgetError as e:
+        raise refuse(f"Max tokens ({max_tokens:,}) is too small for this schema: its shortest complete JSON takes "
+                     f"{e.minimum:,} tokens. Raise Max tokens to at least {e.minimum:,}.") from None
+    except SchemaError as e:
+        raise refuse(as_sentence(e)) from None
 
 
 def extract_tab(runtime: Runtime, sessions: Sessions, model_event: dict) -> None:

@@ -5,7 +5,7 @@ import warnings
 from .cache import PromptCache, make_cache
 from .chat import ChatSession
 from .config import ConfigError, ModelArgs
-from .constrain import SchemaError, SchemaReport, check_schema, schema_report
+from .constrain import BudgetError, SchemaError, SchemaReport, check_schema, schema_report
 from .engine import Cancelled, Engine, Request
 from .extract import Extraction, extract, extract_many
 from .generate import GenerationResponse, batch_generate, generate, stream_generate
@@ -15,7 +15,7 @@ from .sample import SamplingSettings, read_generation_config
 from .tools import parse_tool_calls
 
 __all__ = [
-    "Cancelled", "ChatSession", "CheckpointError", "ConfigError", "Engine", "Extraction", "GenerationResponse",
+    "BudgetError", "Cancelled", "ChatSession", "CheckpointError", "ConfigError", "Engine", "Extraction", "GenerationResponse",
     "Model", "ModelArgs", "PromptCache", "Request", "SamplingSettings", "SchemaError", "SchemaReport", "batch_generate", "check_schema", "extract",
     "extract_many", "generate", "load", "load_model", "make_cache", "parse_tool_calls", "read_generation_config",
     "schema_report", "stream_generate",

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .constrain import GrammarConstraint, JSONConstraint, SchemaError, tool_call_grammar
+from .constrain import BudgetError, GrammarConstraint, JSONConstraint, SchemaError, tool_call_grammar
 from .engine import GenerationResponse, Request
 from .generate import message_starts, sampling_settings
 from .sample import SamplingSettings
@@ -302,6 +302,8 @@ def prepare_chat(body: ChatRequest, model, tokenizer, limits: Limits) -> Prepare
             else {"type": "object"}
         try:
             processors.append(JSONConstraint(tokenizer, schema, vocab_size=vocab, max_tokens=max_tokens))
+        except BudgetError as e:
+            raise APIError(str(e), param="max_tokens", code="invalid_value") from None
         except (SchemaError, ValueError) as e:
             raise APIError(f"response_format: {e}", param="response_format.json_schema.schema") from None
     top = body.top_logprobs if body.logprobs else None

@@ -455,6 +455,7 @@ def extract_many(model, tokenizer, texts: Sequence[str], schema: dict | type, *,
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
     context_budget = min(context_budget, _document_room(model, tokenizer, messages, max_tokens))
+    JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=max_tokens)  # BudgetError
     engine = engine or Engine(model, tokenizer, max_batch=batch_size, prefix_cache_bytes=PREFIX_CACHE_BYTES)
     results: list[Optional[Extraction]] = [None if _text_problem(t) is None else Extraction.failed(_text_problem(t))
                                            for t in texts]
@@ -810,6 +811,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         records = read_records(source)
         previous = _previous_rows(outputs[0][1], records) if args.resume else {}
         model, tokenizer = load(resolve_model(args.model, demo=args.demo, log=log).path)
+        JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=args.max_tokens)  # BudgetError
     except KeyboardInterrupt as e:
         log("interrupted before any extraction: nothing written")
         return _exit_code(e)

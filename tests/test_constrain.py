@@ -141,6 +141,42 @@ def test_token_budget_closes_strings_inside_formats_and_patterns(budget):
             assert_valid_document(decode(constraint, seed, temperature, budget), FORMATS_AND_PATTERN, budget)
 
 
+HARD_TO_CLOSE = {  # the closing planner once found no plan for these patterns; the last needs 200+ tokens
+    "unanchored_pattern": {"type": "object", "required": ["id"],
+                           "properties": {"id": {"type": "string", "pattern": "wpc-[0-9]+"}}},
+    "image_reference": {"type": "object", "required": ["image"],
+                        "properties": {"image": {"type": "string", "pattern": "(.+/)?.+:.+"}}},
+    "key_pattern": {"type": "object", "minProperties": 1, "additionalProperties": False,
+                    "patternProperties": {"^x-[a-z]+[0-9]$": {"type": "integer"}}},
+    "thirty_required_strings": {"type": "object", "required": [f"field_{i}" for i in range(30)],
+                                "properties": {f"field_{i}": {"type": "string"} for i in range(30)}},
+    "unbounded": UNBOUNDED,
+    "formats_and_pattern": FORMATS_AND_PATTERN,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HARD_TO_CLOSE))
+def test_any_budget_from_the_reported_minimum_ends_in_a_complete_document(name):
+    schema = HARD_TO_CLOSE[name]
+    minimum = JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=4096).minimal_tokens()
+    for budget in (minimum, minimum + 1, minimum + 7, minimum + 40):
+        for seed in range(3):
+            for temperature in (0.0, 1.0):
+                constraint = JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=budget)
+                out = decode(constraint, seed, temperature, budget + 1)  # EOS may come after the budget
+                assert_valid_document(out, schema, budget + 1)
+
+
+def test_a_budget_below_the_minimum_is_refused_naming_the_minimum():
+    schema = HARD_TO_CLOSE["thirty_required_strings"]
+    minimum = JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=4096).minimal_tokens()
+    assert 150 < minimum < 405  # every key, `": ""` and separator, with keys forced whole
+    with pytest.raises(lfm_mlx.BudgetError, match=f"at least {minimum}$") as refused:
+        JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=minimum - 1)
+    assert refused.value.minimum == minimum
+    JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=minimum)
+
+
 def test_additional_properties_default_to_false_for_declared_properties():
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}}}
     for seed in range(3):

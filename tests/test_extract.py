@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from conftest import forcing, require_shared
-from lfm_mlx.constrain import JSONConstraint, SchemaError, schema_report
+from lfm_mlx.constrain import BudgetError, JSONConstraint, SchemaError, schema_report
 from lfm_mlx.engine import Cancelled
 from lfm_mlx.extract import (
     DESCRIPTION_CHARS, SCHEMA_PROMPT_CHARS, SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract,
@@ -555,6 +555,29 @@ def test_cli_errors_are_one_line_with_no_output(tmp_path, capsys, case, message)
     assert main([x for kv in args.items() for x in kv]) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_budget_below_the_schema_minimum_is_refused_before_generating(tiny):
+    model, tokenizer = tiny
+    schema = {"type": "object", "required": ["name", "city"],
+              "properties": {"name": {"type": "string"}, "city": {"type": "string"}}}
+    with pytest.raises(BudgetError) as refused:
+        extract(model, tokenizer, "Ada lives in London.", schema, max_tokens=4)
+    minimum = refused.value.minimum
+    result = extract(model, tokenizer, "Ada lives in London.", schema, max_tokens=minimum)
+    assert result.valid and set(result.data) == {"name", "city"}
+
+
+def test_cli_refuses_a_budget_below_the_schema_minimum(tmp_path, capsys, tiny_checkpoint):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(PRESETS["invoice"]), encoding="utf-8")
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.dumps("text")])
+    assert main(["--schema", str(schema), "--input", str(docs), "--output", str(tmp_path / "out.jsonl"),
+                 "--model", str(tiny_checkpoint), "--max-tokens", "3"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: max_tokens=3 is too small for this schema: its shortest complete document takes "
+                        r"(\d+) tokens; set max_tokens to at least \1\n", err)
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -187,6 +187,10 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "word " * 200_000}]}, 400, "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {
         "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["name", "email"], "properties": {
+            "name": {"type": "string"}, "email": {"type": "string"}}}}}},
+     400, '"param": "max_tokens", "code": "invalid_value"'),
     ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [
         {"type": "function", "function": {"name": "not a name", "parameters": {"type": "object"}}}]}, 400, "tools"),
