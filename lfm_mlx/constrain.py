@@ -16,7 +16,6 @@ import keyword
 import re
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -536,16 +535,15 @@ class MaskStats:
         return 1000 * self.seconds / max(self.count, 1)
 
 
-_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm-mlx-mask")
-
-
 class GrammarConstraint:
     """Logits processor (mlx-lm convention) keeping ONE sequence inside an llguidance `grammar`
     (from `LLMatcher.grammar_from_*`, `build_grammar` or `tool_call_grammar`).
 
     Called as `processor(tokens, logits)` with all token ids so far; the first call
-    takes `tokens` as the prompt. Calling `prepare(token)` as soon as a token is
-    sampled computes the next mask while the model runs. With `max_tokens`, the
+    takes `tokens` as the prompt; the mask is computed while the forward pass runs. Text
+    the grammar forces (a required key, `": "`, closing brackets) is written in its
+    canonical tokens: the mask then allows just the next of them, and `fast_forward`
+    hands them all to the engine at once, to be fed in one pass. With `max_tokens`, the
     output is forced closed (ending in EOS) within that many generated tokens when a
     short enough completion exists; the closing heuristics know JSON and tool calls,
     for other grammars they may take more tokens (they only ever pick allowed ones).
@@ -569,7 +567,7 @@ class GrammarConstraint:
         self._bitmask = allocate_token_bitmask(1, self._ll.vocab_size)
         self._prompt_len: int | None = None
         self._position = _Position()
-        self._pending: Future | None = None
+        self._decided: tuple[int, int | None] = (-1, None)  # (position, the token forced there)
         self._closing: list[int] = []  # forced tokens once the budget runs out
         self._close_len = 0
         self._guard: int | None = None  # near the end of the budget: the closing plan's next token
@@ -580,15 +578,21 @@ class GrammarConstraint:
     @property
     def is_done(self) -> bool:
         """A complete output has been generated: EOS is allowed."""
-        self._settle()
         return self._matcher.is_accepting()
 
-    def prepare(self, token: int) -> None:
-        """Consume the sampled `token` and compute the next mask in the background."""
-        if self._prompt_len is None or self._pending is not None:
-            raise RuntimeError("prepare() must follow a call that applied the mask")
+    def fast_forward(self, token: int, limit: int) -> list[int]:
+        """Consume the sampled `token`, then the tokens forced after it (at most `limit`, never
+        EOS), and return those: the engine feeds them in one pass with `token` instead of one
+        step each. The output is the one token-by-token decoding gives, where the mask would
+        allow each of them alone."""
+        if self._prompt_len is None:
+            raise RuntimeError("fast_forward() must follow a call that applied the mask")
         self._advance(int(token))
-        self._pending = _EXECUTOR.submit(self._next_bitmask)
+        forced: list[int] = []
+        while len(forced) < limit and (token := self._forced_next()) is not None and token != self._ll.eos_token:
+            self._advance(token)
+            forced.append(token)
+        return forced
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if logits.shape[-1] != self.vocab_size:
@@ -598,20 +602,10 @@ class GrammarConstraint:
         seen = self._prompt_len + len(self.generated)
         if tokens.size < seen:
             raise RuntimeError(f"got {tokens.size} tokens, but {seen} were already consumed")
-        new = tokens[seen:].tolist()
-        if new:
-            self._settle()  # a mask prepared for an earlier state is stale
-            for token in new:
-                self._advance(token)
+        for token in tokens[seen:].tolist():
+            self._advance(token)
         mx.async_eval(logits)  # the forward pass runs while the mask is computed
-        pending, self._pending = self._pending, None
-        return apply_bitmask(logits, pending.result() if pending else self._next_bitmask())
-
-    def _settle(self) -> None:
-        """Wait for a background mask: the matcher must not be used meanwhile."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        return apply_bitmask(logits, self._next_bitmask())
 
     def _advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
@@ -620,12 +614,20 @@ class GrammarConstraint:
         if self.max_tokens is not None:
             self._position = self._position.after(self._ll.decode_bytes([token]))
 
+    def _forced_next(self) -> int | None:
+        """The token this position must take, decided once per position: the closing plan's
+        next once the budget runs low, else the first canonical token of forced text."""
+        if self._decided[0] != len(self.generated):
+            if self.max_tokens is not None and not self._closing:
+                self._maybe_close()
+            token = self._closing.pop(0) if self._closing else next(iter(self._matcher.compute_ff_tokens()), None)
+            self._decided = (len(self.generated), token)
+        return self._decided[1]
+
     def _next_bitmask(self) -> np.ndarray:
         start = time.perf_counter()
-        if self.max_tokens is not None and not self._closing:
-            self._maybe_close()
-        if self._closing:
-            token = self._closing.pop(0)
+        token = self._forced_next()
+        if token is not None:
             self._bitmask[:] = 0
             self._bitmask.view(np.uint32)[0, token // 32] = 1 << (token % 32)
         else:

@@ -12,7 +12,8 @@ one row into another, and a row's tokens are computed as they would be alone.
 
 Each row samples with its own settings, seed, stop strings and logits processors (e.g. a JSON-schema
 constraint). The next step is queued before the previous step's tokens are read back, so the device
-computes while Python detokenizes. The engine runs where it is driven: iterating a ``Generation`` steps
+computes while Python detokenizes. Text a constraint forces after a sampled token (a key, `": "`,
+closing brackets: its ``fast_forward``) is fed with that token in the same pass, not one step each. The engine runs where it is driven: iterating a ``Generation`` steps
 it when no thread does (a notebook), or ``start()`` gives it a thread of its own (the server, the
 app), which is then the only thread that touches MLX.
 """
@@ -157,6 +158,10 @@ class _Row:
         self.checkpoints = sorted({p for p in (*request.checkpoints, len(self.prompt) - 1)
                                    if self.cached < p <= len(self.prompt)})
         self.processors = build_processors(request.sampling, request.logits_processors)
+        # A constraint that can name the tokens it forces; not when every token's logprob is asked for.
+        self.constraint = None if request.logprobs is not None or not engine.fast_forward else next(
+            (p for p in request.logits_processors if hasattr(p, "fast_forward")), None)
+        self.forced: list[int] = []  # tokens forced after ``pending``, fed with it this step
         self.history = mx.array(self.prompt) if self.processors else None
         self.key = None if request.sampling.greedy else new_key(request.seed)
         self.pending: Optional[mx.array] = None  # the token sampled last step, not yet read back
@@ -243,11 +248,12 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, interleave_tokens: int = DEFAULT_INTERLEAVE,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, fast_forward: bool = True):
         if max_batch < 1 or prefill_step_size < 1 or interleave_tokens < 1:
             raise ValueError("max_batch, prefill_step_size and interleave_tokens must be positive")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
+        self.fast_forward = fast_forward
         self.prefill_step_size, self.interleave_tokens = prefill_step_size, interleave_tokens
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos = set(tokenizer.eos_token_ids)
@@ -445,12 +451,22 @@ class Engine:
         if not (reading or prefill):
             return False
         self.steps += 1
-        feeds = [(r, 1) for r in decode] + prefill
+        feeds = [(r, 1 + self._forced(r)) for r in decode] + prefill
         rows, logits = self._forward(feeds) if feeds else ([], None)
         self._read(reading, sampled_rows, sampled)
         alive = [i for i, r in enumerate(rows) if r in self.running]
         self._sample([rows[i] for i in alive], logits, alive)
         return True
+
+    def _forced(self, row: _Row) -> int:
+        """How many tokens ``row``'s constraint forces after its pending token (read back for that)."""
+        row.forced = []
+        if row.constraint is not None:
+            token = row.pending.item()
+            if token not in self.eos:
+                room = min(row.request.max_tokens - row.text.count - 2, row.chunk_limit() - 1)
+                row.forced = row.constraint.fast_forward(token, room)
+        return len(row.forced)
 
     def _drop_cancelled(self) -> None:
         for gen in [g for g in self.waiting if g.cancelled]:
@@ -494,7 +510,7 @@ class Engine:
         inputs, ends, rows, position = [], [], [], 0
         for row, n in feeds:
             if row.pending is not None:
-                inputs.append(row.pending)
+                inputs += [row.pending, mx.array(row.forced, mx.uint32)] if row.forced else [row.pending]
             else:
                 inputs.append(mx.array(row.prompt[row.fed : row.fed + n], mx.uint32))
                 inside = any(row.fed < p < row.fed + n for p in row.checkpoints)
@@ -544,12 +560,17 @@ class Engine:
             token = tokens[index[id(row)]]
             logprobs = row.pending_logprobs
             if not row.final:
-                row.cache.tokens.append(token)  # it was fed this step: the cache holds it
+                row.cache.tokens += [token, *row.forced]  # fed this step: the cache holds them
             row.pending, row.pending_logprobs = None, None
             try:
                 self._emit_token(row, token, logprobs)
+                for forced in row.forced:
+                    if row not in self.running:  # a stop string ended it
+                        break
+                    self._emit_token(row, forced, None)
             except Exception as e:  # e.g. a detokenizer or sink failure: this row alone ends
                 self._finish(row, e)
+            row.forced = []
 
     def _emit_token(self, row: _Row, token: int, logprobs: Optional[tuple]) -> None:
         now = time.perf_counter()

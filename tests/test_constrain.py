@@ -64,7 +64,7 @@ UNBOUNDED = {  # nothing bounded (a number's fraction never is): only the token 
             "notes": {"type": "array", "minItems": 1, "items": {"type": "string"}}}}}}
 
 
-def decode(constraint, seed: int, temperature: float, max_steps: int, prepare: bool = False) -> list[int]:
+def decode(constraint, seed: int, temperature: float, max_steps: int) -> list[int]:
     """Random-logits "model": sample from the masked logits, feed the token back, until EOS."""
     mx.random.seed(seed)
     tokens, out = PROMPT, []
@@ -77,8 +77,6 @@ def decode(constraint, seed: int, temperature: float, max_steps: int, prepare: b
         out.append(token)
         if token == EOS:
             break
-        if prepare:
-            constraint.prepare(token)
         tokens = mx.concatenate([tokens, mx.array([token])])
     return out
 
@@ -380,14 +378,37 @@ def test_metal_path_is_chosen_only_when_metal_is_available():
     assert constrain.use_metal() == mx.metal.is_available()
 
 
-def test_prepare_computes_the_same_masks_in_the_background():
-    schema = BOUNDED["ref_to_defs"]
-    plain = decode(JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=80), 2, 1.0, 80)
-    constraint = JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=80)
-    assert decode(constraint, 2, 1.0, 80, prepare=True) == plain
-    assert constraint.stats.count == len(plain) and constraint.stats.seconds > 0
-    with pytest.raises(RuntimeError, match="prepare"):
-        JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB).prepare(5)
+def greedy_passes(constraint, seed: int, max_steps: int, fast_forward: bool) -> tuple[list[int], int]:
+    """Constrained greedy decoding where the logits depend only on the position (so runs that take
+    different numbers of passes see the same "model"); with `fast_forward`, forced tokens join the
+    sampled one, as the engine feeds them. Returns the tokens and the passes taken."""
+    tokens, out, passes = PROMPT, [], 0
+    while len(out) < max_steps:
+        logits = constraint(tokens, mx.random.normal((1, VOCAB), key=mx.random.key(seed * 100_003 + tokens.size)))
+        passes += 1
+        new = [mx.argmax(logits, axis=-1).item()]
+        if new[0] == EOS:
+            return out + new, passes
+        if fast_forward:
+            new += constraint.fast_forward(new[0], max_steps - len(out) - 2)
+        out += new
+        tokens = mx.concatenate([tokens, mx.array(new)])
+    return out, passes
+
+
+@pytest.mark.parametrize("name", ["thirty_required_strings", "unbounded", "formats_and_pattern", "key_pattern"])
+def test_fast_forward_gives_the_token_by_token_output_in_fewer_passes(name):
+    schema = HARD_TO_CLOSE[name]
+    minimum = JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=4096).minimal_tokens()
+    for seed in range(2):
+        for budget in (None, minimum, minimum + 60):
+            runs = [greedy_passes(JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB, max_tokens=budget), seed, 400, ff)
+                    for ff in (False, True)]
+            (plain, plain_passes), (fast, fast_passes) = runs
+            assert fast == plain and plain_passes == len(plain)
+            assert fast_passes < plain_passes, TOKENIZER.decode(plain)
+    with pytest.raises(RuntimeError, match="fast_forward"):
+        JSONConstraint(TOKENIZER, schema, vocab_size=VOCAB).fast_forward(5, 10)
 
 
 def test_a_token_outside_the_grammar_raises():
