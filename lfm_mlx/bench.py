@@ -518,6 +518,10 @@ def main(argv: Optional[list] = None) -> dict:
         from .bench_serve import main as serve
 
         return serve(argv[1:])
+    if argv and argv[0] == "extraction":  # python -m lfm_mlx.bench extraction: fast-forward, constraint cost
+        from .bench_extraction import main as extraction
+
+        return extraction(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m lfm_mlx.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory or hub id, float or MLX-quantized "
                         "(default: random weights in the LFM2-350M shape)")

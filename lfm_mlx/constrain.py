@@ -568,6 +568,8 @@ class GrammarConstraint:
         self._prompt_len: int | None = None
         self._position = _Position()
         self._decided: tuple[int, int | None] = (-1, None)  # (position, the token forced there)
+        self._draft_states: list[tuple] = []  # the state at each draft position, to return to
+        self._draft_masks: list[np.ndarray] = []  # the mask there
         self._closing: list[int] = []  # forced tokens once the budget runs out
         self._close_len = 0
         self._guard: int | None = None  # near the end of the budget: the closing plan's next token
@@ -613,6 +615,41 @@ class GrammarConstraint:
         self.generated.append(token)
         if self.max_tokens is not None:
             self._position = self._position.after(self._ll.decode_bytes([token]))
+
+    def check_drafts(self, drafts: list[int]) -> list[int]:
+        """Speculation: consume the drafts that token-by-token decoding could take from here (cut at
+        the first whose position's mask rejects it) and return them. `masked_at(logits, j)` applies
+        the mask of the position after j of them; `keep_drafts(n)` then returns to the state after
+        the first n, as if the others had never been seen."""
+        self._draft_masks, self._draft_states = [self._next_bitmask().copy()], [self._state()]
+        taken: list[int] = []
+        for token in drafts:
+            if not (int(self._draft_masks[-1].view(np.uint32)[0, token >> 5]) >> (token & 31)) & 1:
+                break
+            self._advance(token)
+            taken.append(token)
+            self._draft_masks.append(self._next_bitmask().copy())
+            self._draft_states.append(self._state())
+        return taken
+
+    def masked_at(self, logits: mx.array, j: int) -> mx.array:
+        """`logits` masked as token-by-token decoding would after the first `j` drafts checked."""
+        return apply_bitmask(logits, self._draft_masks[j])
+
+    def keep_drafts(self, n: int) -> None:
+        """Keep the first `n` drafts `check_drafts` consumed, forget the rest."""
+        if len(self._draft_states) - 1 > n:
+            self._matcher.rollback(len(self._draft_states) - 1 - n)
+        (size, self._position, self._decided, closing, self._close_len, self._guard,
+         self.closed_by_budget) = self._draft_states[n]
+        self._closing = list(closing)
+        del self.generated[size:]
+        self._draft_states, self._draft_masks = [], []
+
+    def _state(self) -> tuple:
+        """What a mask computation may change, besides the matcher (which rolls back by itself)."""
+        return (len(self.generated), self._position, self._decided, tuple(self._closing), self._close_len,
+                self._guard, self.closed_by_budget)
 
     def _forced_next(self) -> int | None:
         """The token this position must take, decided once per position: the closing plan's

@@ -13,7 +13,11 @@ one row into another, and a row's tokens are computed as they would be alone.
 Each row samples with its own settings, seed, stop strings and logits processors (e.g. a JSON-schema
 constraint). The next step is queued before the previous step's tokens are read back, so the device
 computes while Python detokenizes. Text a constraint forces after a sampled token (a key, `": "`,
-closing brackets: its ``fast_forward``) is fed with that token in the same pass, not one step each. The engine runs where it is driven: iterating a ``Generation`` steps
+closing brackets: its ``fast_forward``) is fed with that token in the same pass, not one step each.
+With ``draft_tokens``, greedy constrained rows also guess ahead by prompt lookup (what followed the
+latest earlier occurrence of their last tokens, e.g. a value copied from the document): drafts the
+grammar allows are fed in the same pass, verified against the masked greedy choice at each position,
+and the caches step back over the rejected ones, so the output stays the token-by-token one. The engine runs where it is driven: iterating a ``Generation`` steps
 it when no thread does (a notebook), or ``start()`` gives it a thread of its own (the server, the
 app), which is then the only thread that touches MLX.
 """
@@ -145,6 +149,32 @@ class Generation:
         return self._queue.get_nowait()
 
 
+class NgramIndex:
+    """Where each n-gram (min_n <= n <= max_n) of a token sequence last occurred with a token after it."""
+
+    def __init__(self, tokens: Sequence[int], max_n: int = 3, min_n: int = 2):
+        self.tokens: list[int] = []
+        self.max_n, self.min_n = max_n, min_n
+        self.next_position: dict[tuple, int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        end = len(self.tokens) - 1  # the n-grams ending just before the new token now have a successor
+        for n in range(self.min_n, min(self.max_n, end) + 1):
+            self.next_position[tuple(self.tokens[end - n : end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """The ``k`` tokens that followed the latest earlier occurrence of the longest suffix found.
+        A single matching token is too weak a clue: wrong drafts cost a wider verification pass."""
+        for n in range(min(self.max_n, len(self.tokens)), self.min_n - 1, -1):
+            position = self.next_position.get(tuple(self.tokens[-n:]))
+            if position is not None:
+                return self.tokens[position : position + k]
+        return []
+
+
 class _Row:
     """A running sequence: its cache, where its prompt is, and its sampling state."""
 
@@ -162,6 +192,11 @@ class _Row:
         self.constraint = None if request.logprobs is not None or not engine.fast_forward else next(
             (p for p in request.logits_processors if hasattr(p, "fast_forward")), None)
         self.forced: list[int] = []  # tokens forced after ``pending``, fed with it this step
+        speculate = engine.draft_tokens and self.constraint is not None and request.sampling.greedy
+        self.lookup = NgramIndex(self.prompt) if speculate else None  # prompt lookup: drafts
+        self.drafts: list[int] = []  # fed after ``forced`` this step, to verify
+        self.step_tokens = 0  # tokens fed this step: pending, forced, drafts
+        self.drafted = self.accepted = 0
         self.history = mx.array(self.prompt) if self.processors else None
         self.key = None if request.sampling.greedy else new_key(request.seed)
         self.pending: Optional[mx.array] = None  # the token sampled last step, not yet read back
@@ -248,12 +283,13 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, interleave_tokens: int = DEFAULT_INTERLEAVE,
-                 prefix_cache_bytes: int = 0, fast_forward: bool = True):
+                 prefix_cache_bytes: int = 0, fast_forward: bool = True, draft_tokens: int = 0):
         if max_batch < 1 or prefill_step_size < 1 or interleave_tokens < 1:
             raise ValueError("max_batch, prefill_step_size and interleave_tokens must be positive")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
         self.fast_forward = fast_forward
+        self.draft_tokens = draft_tokens
         self.prefill_step_size, self.interleave_tokens = prefill_step_size, interleave_tokens
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos = set(tokenizer.eos_token_ids)
@@ -261,6 +297,7 @@ class Engine:
         self.waiting: deque[Generation] = deque()
         self.running: list[_Row] = []
         self.steps = 0
+        self.forced_tokens = 0  # tokens a constraint forced, fed beside a sampled one (no pass of their own)
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -451,11 +488,18 @@ class Engine:
         if not (reading or prefill):
             return False
         self.steps += 1
-        feeds = [(r, 1 + self._forced(r)) for r in decode] + prefill
+        feeds = [(r, 1 + self._forced(r) + self._draft(r)) for r in decode] + prefill
         rows, logits = self._forward(feeds) if feeds else ([], None)
+        checked = [(r, len(r.drafts)) for r in rows if r.drafts]
         self._read(reading, sampled_rows, sampled)
-        alive = [i for i, r in enumerate(rows) if r in self.running]
+        verified = self._verify(checked, logits[len(rows):] if checked else None)
+        drafted = {id(r) for r, _ in checked}
+        alive = [i for i, r in enumerate(rows) if r in self.running and id(r) not in drafted]
         self._sample([rows[i] for i in alive], logits, alive)
+        if verified:
+            kept, tokens = self._sampled
+            self._sampled = (kept + [r for r, _ in verified],
+                             mx.concatenate(([tokens] if tokens is not None else []) + [t for _, t in verified]))
         return True
 
     def _forced(self, row: _Row) -> int:
@@ -466,7 +510,75 @@ class Engine:
             if token not in self.eos:
                 room = min(row.request.max_tokens - row.text.count - 2, row.chunk_limit() - 1)
                 row.forced = row.constraint.fast_forward(token, room)
+                self.forced_tokens += len(row.forced)
         return len(row.forced)
+
+    def _draft(self, row: _Row) -> int:
+        """How many prompt-lookup drafts ``row`` feeds after its pending and forced tokens: those its
+        grammar allows, within its budget and KV window; none once its drafts are rarely right."""
+        if row.lookup is None:
+            return 0
+        fed = [row.pending.item(), *row.forced]
+        for token in fed:
+            row.lookup.append(token)
+        if fed[0] in self.eos or (row.drafted >= 24 and row.accepted < 0.3 * row.drafted):
+            return 0
+        windows = [c.max_size - c.offset for c in row.cache.layers if getattr(c, "max_size", None)]
+        room = min(self.draft_tokens, row.request.max_tokens - row.text.count - 2 - len(row.forced),
+                   row.chunk_limit() - len(fed), *(w - len(fed) - 1 for w in windows))
+        proposal = row.lookup.draft(room) if room > 0 else []
+        if proposal:
+            row.drafts = row.constraint.check_drafts(proposal)
+            if not row.drafts:
+                row.constraint.keep_drafts(0)
+        row.step_tokens = len(fed) + len(row.drafts)
+        return len(row.drafts)
+
+    def _verify(self, checked: list[tuple[_Row, int]], logits: Optional[mx.array]) -> list[tuple[_Row, mx.array]]:
+        """Each drafted row's logits at its last forced position and at each of its ``n`` drafts:
+        keep the drafts that masked greedy decoding agrees with, then its own next token; step the
+        caches back over the rest. Returns (row, next token) for the rows still running."""
+        verified, start = [], 0
+        for row, n in checked:
+            count = n + 1
+            row_logits, start = logits[start : start + count], start + count
+            if row not in self.running:  # a stop string ended it in this step's read (drafts undone)
+                continue
+            choices = []
+            for j in range(count):
+                position_logits = row_logits[j : j + 1]
+                history = mx.concatenate([row.history, mx.array(row.drafts[:j], mx.uint32)]) if j else row.history
+                for p in row.processors:
+                    position_logits = (row.constraint.masked_at(position_logits, j) if p is row.constraint
+                                       else p(history, position_logits))
+                choices.append(mx.argmax(position_logits, axis=-1))
+            greedy = mx.concatenate(choices).tolist()
+            kept = 0
+            while kept < len(row.drafts) and row.drafts[kept] == greedy[kept]:
+                kept += 1
+            self._keep_drafts(row, kept)
+            drafts, row.drafts = row.drafts, []
+            for token in drafts[:kept]:
+                row.lookup.append(token)
+                if row in self.running:
+                    self._emit_token(row, token, None)
+            if row in self.running:
+                row.final = row.text.count + 1 >= row.request.max_tokens
+                row.pending = mx.array([greedy[kept]], mx.uint32)
+                verified.append((row, row.pending))
+        return verified
+
+    def _keep_drafts(self, row: _Row, kept: int) -> None:
+        """The caches and the constraint after the first ``kept`` of ``row``'s drafts of this step."""
+        fed = row.step_tokens
+        for c in row.cache.layers:
+            c.rewind(fed, fed - len(row.drafts) + kept)
+            if hasattr(c, "keep_window"):
+                c.keep_window, c.window = False, None
+        row.constraint.keep_drafts(kept)
+        row.cache.tokens += row.drafts[:kept]
+        row.drafted += len(row.drafts)
+        row.accepted += kept
 
     def _drop_cancelled(self) -> None:
         for gen in [g for g in self.waiting if g.cancelled]:
@@ -506,11 +618,17 @@ class Engine:
         return plan
 
     def _forward(self, feeds: list[tuple[_Row, int]]) -> tuple[list[_Row], mx.array]:
-        """Queue one forward pass over all feeds; return the rows that sample now and their logits."""
-        inputs, ends, rows, position = [], [], [], 0
+        """Queue one forward pass over all feeds; return the rows that sample now and their logits,
+        followed by the logits at each drafted row's verified positions (in the order of ``rows``)."""
+        inputs, ends, rows, position, checks = [], [], [], 0, []
         for row, n in feeds:
             if row.pending is not None:
-                inputs += [row.pending, mx.array(row.forced, mx.uint32)] if row.forced else [row.pending]
+                inputs += [row.pending, mx.array(row.forced + row.drafts, mx.uint32)] if n > 1 else [row.pending]
+                if row.drafts:  # the caches step back over rejected drafts: keep the conv windows
+                    checks += range(position + n - len(row.drafts) - 1, position + n)
+                    for c in row.cache.layers:
+                        if hasattr(c, "keep_window"):
+                            c.keep_window = True
             else:
                 inputs.append(mx.array(row.prompt[row.fed : row.fed + n], mx.uint32))
                 inside = any(row.fed < p < row.fed + n for p in row.checkpoints)
@@ -528,6 +646,7 @@ class Engine:
             hidden = self.model.model(ids, cache=batch_rows([r.cache.layers for r, _ in feeds], [n for _, n in feeds]))
         logits = None
         if rows:
+            ends += checks
             picked = hidden[0, ends[0] : ends[0] + 1] if len(ends) == 1 else hidden[0, mx.array(ends)]
             logits = self.model.logits(picked)
         states = []
@@ -650,6 +769,9 @@ class Engine:
             return
         self.running.remove(row)
         row.pending = None
+        if row.drafts:  # it ended before its drafts were verified: the caches forget them
+            self._keep_drafts(row, 0)
+            row.drafts = []
         if self.prefix_cache is not None and row.request.prompt_cache is None and not row.cache.rolled:
             row.cache.take_snapshot()
             self.prefix_cache.insert(row.cache)

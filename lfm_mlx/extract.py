@@ -23,6 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TextIO
 
@@ -192,7 +193,22 @@ def _without_unused_definitions(schema: Any) -> Any:
 
 
 def _validator(schema: dict) -> jsonschema.protocols.Validator:
-    return jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    plain = cls.VALIDATORS.get("multipleOf")
+    if plain is None:
+        return cls(schema)
+
+    def multiple_of(validator, divisor, instance, schema):
+        """jsonschema's check, exact where it overflows (an integer too big for a float)."""
+        try:
+            yield from plain(validator, divisor, instance, schema)
+        except OverflowError:
+            if instance in (float("inf"), float("-inf")):  # an exponent past a float's range
+                yield jsonschema.ValidationError(f"{instance!r} is out of a number's range")
+            elif (Fraction(str(instance)) / Fraction(str(divisor))).denominator != 1:
+                yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {divisor}")
+
+    return jsonschema.validators.extend(cls, {"multipleOf": multiple_of})(schema)
 
 
 def _parse(raw: str, schema: dict) -> tuple[Any, Optional[str]]:

@@ -160,3 +160,16 @@ def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+@pytest.fixture(scope="module")
+def tiny_4bit(tiny_checkpoint):
+    """The tiny checkpoint quantized to 4 bits in memory (float32 scales, as loaded on the CPU)."""
+    import mlx.nn as nn
+
+    import lfm_mlx
+
+    model = lfm_mlx.load_model(tiny_checkpoint, dtype="float32")
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model

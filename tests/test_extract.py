@@ -20,10 +20,11 @@ from pydantic import BaseModel, Field
 
 from conftest import forcing, require_shared
 from lfm_mlx.constrain import BudgetError, JSONConstraint, SchemaError, schema_report
-from lfm_mlx.engine import Cancelled, Engine
+from lfm_mlx.engine import Cancelled, Engine, Request
+from lfm_mlx.sample import SamplingSettings
 from lfm_mlx.extract import (
     DESCRIPTION_CHARS, SCHEMA_PROMPT_CHARS, SCHEMAS_DIR, SYSTEM_PROMPT, Extraction, build_messages, extract,
-    extract_many, main, merge, merge_all, schema_for_prompt, split_text)
+    _parse, extract_many, main, merge, merge_all, schema_for_prompt, split_text)
 from lfm_mlx.grounding import ground, string_leaves
 from keyword_schemas import NAME, SHARED_KEYWORD_SCHEMAS
 
@@ -95,46 +96,10 @@ def test_schemas_under_test_cover_every_keyword_family():
 
 # --- ready schemas ----------------------------------------------------------------------------------
 
-# What a perfect extraction of each sample text says: for grounding, and to prove the schemas fit.
-EXPECTED = {
-    "contact_card": {
-        "name": "Dr. Amara Okafor", "job_title": "Head of Procurement", "company": "Brightline Logistics",
-        "emails": ["amara.okafor@brightline-logistics.co.uk"],
-        "phones": [{"number": "+44 7700 900123", "kind": "mobile"}, {"number": "+44 20 7946 0321", "kind": "work"}],
-        "address": "14 Canal Wharf, Leeds LS11 5PS, United Kingdom", "website": "www.brightline-logistics.co.uk"},
-    "invoice": {
-        "invoice_number": "2024-0117", "issue_date": "2024-03-12", "due_date": "2024-04-11",
-        "seller": {"name": "Northwind Traders Lda", "address": "Rua do Ouro 42, 1100-060 Lisboa, Portugal",
-                   "vat_id": "PT514283917"},
-        "buyer": {"name": "Maria Santos", "address": "Rua das Flores 8, 4050-262 Porto"}, "currency": "EUR",
-        "line_items": [{"description": "Recycled copy paper A4", "quantity": 3, "unit_price": 4.5, "amount": 13.5},
-                       {"description": "Black ink cartridge", "quantity": 2, "unit_price": 19.9, "amount": 39.8}],
-        "subtotal": 53.3, "tax": 12.26, "total": 65.56},
-    "calendar_event": {
-        "title": "quarterly budget review", "date": "2024-06-06", "start_time": "10:30", "end_time": "12:00",
-        "timezone": "CET", "location": "meeting room B on the 3rd floor",
-        "online_link": "https://meet.example.com/q2-budget",
-        "attendees": ["Lena Fischer", "Tomás Rivera", "Priya Natarajan"]},
-    "product_review": {
-        "product": "Aurora X2 wireless headphones", "rating": 4, "sentiment": "mixed",
-        "pros": ["noise cancelling is excellent", "battery easily lasts a week"],
-        "cons": ["ear cushions get warm", "carrying case feels cheap"], "would_recommend": True},
-    "meeting_action_items": {
-        "meeting_title": "Website relaunch sync", "date": "2024-09-03",
-        "attendees": ["Hannah Lee", "Marcus Brown", "Sofia Rossi"],
-        "decisions": ["launch on 1 October instead of 15 September", "the old forum is shut down at launch"],
-        "action_items": [
-            {"task": "finish the new pricing page", "owner": "Hannah", "due_date": "2024-09-13", "priority": "high"},
-            {"task": "fix the broken contact form", "owner": "Marcus"},
-            {"task": "write the launch announcement for the blog", "owner": "Sofia", "due_date": "2024-09-24"}]},
-    "job_posting": {
-        "job_title": "Senior Data Engineer", "company": "Kestrel Analytics", "location": "Amsterdam",
-        "work_mode": "hybrid", "employment_type": "full-time",
-        "salary": {"min": 70000, "max": 85000, "currency": "EUR", "period": "year"}, "experience_years": 5,
-        "requirements": ["building data pipelines in Python", "Apache Spark and Airflow"],
-        "benefits": ["28 days of paid leave", "a yearly learning budget"],
-        "apply_to": "jobs@kestrel-analytics.nl", "deadline": "2024-11-30"},
-}
+# What a perfect extraction of each sample text says: for grounding, to prove the schemas fit, and for
+# the extraction benchmark to replay.
+EXPECTED = {p.stem: json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted((SCHEMAS_DIR.parent / "expected").glob("*.json"))}
 NOT_IN_TEXT = {"mixed", "mobile", "work", "high", "hybrid", "full-time", "year", "2024-03-12", "2024-04-11",
                "2024-06-06", "2024-09-03", "2024-09-13", "2024-09-24", "2024-11-30"}
 
@@ -558,6 +523,17 @@ def test_cli_errors_are_one_line_with_no_output(tmp_path, capsys, case, message)
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("number, error", [
+    ("9" * 400, None),  # too big for a float: checked exactly
+    ("9" * 400 + "1", None),
+    ("1.005", "multipleOf failed at $.x: 1.005 is not a multiple of 0.01"),
+    ("1e400", "multipleOf failed at $.x: inf is out of a number's range"),
+])
+def test_multiple_of_checks_numbers_beyond_a_float_without_crashing(number, error):
+    data, problem = _parse('{"x": %s}' % number, {"properties": {"x": {"type": "number", "multipleOf": 0.01}}})
+    assert problem == (error and f"output does not match the schema: {error}")
+
+
 def test_forced_text_is_fed_in_one_pass_with_the_same_result(tiny):
     """Fast-forward: keys, separators and brackets the grammar forces join the sampled token in one
     forward pass; greedy extraction gives the same documents as token by token, in fewer steps."""
@@ -573,6 +549,33 @@ def test_forced_text_is_fed_in_one_pass_with_the_same_result(tiny):
         (plain, plain_steps), (fast, fast_steps) = runs
         assert fast == plain and all(valid for _, valid, _ in fast)
         assert fast_steps < plain_steps
+
+
+@pytest.mark.parametrize("options", [dict(), dict(max_kv_size=256)])
+def test_prompt_lookup_under_the_constraint_gives_the_token_by_token_output(tiny, options):
+    """Drafts copied from the prompt, cut where the grammar rejects them and verified against masked
+    greedy decoding: the same text as token by token, in fewer passes (an oracle steers the random
+    model to write each preset's perfect extraction, whose values the document holds)."""
+    from lfm_mlx.bench_extraction import Oracle, extraction_prompt
+    model, tokenizer = tiny
+    for name in ("invoice", "contact_card", "job_posting"):
+        runs = []
+        for fast_forward, draft_tokens in ((False, 0), (True, 0), (True, 4)):
+            engine = Engine(model, tokenizer, max_batch=2, fast_forward=fast_forward, draft_tokens=draft_tokens)
+            requests = [Request(extraction_prompt(tokenizer, PRESETS[name], SAMPLES[name]), max_tokens=budget,
+                                sampling=SamplingSettings(temperature=0.0), **options,
+                                logits_processors=[JSONConstraint(tokenizer, PRESETS[name], vocab_size=model.args.vocab_size,
+                                                                  max_tokens=budget), Oracle(tokenizer, EXPECTED[name])])
+                        for budget in (60, 400)]  # one closed early by its budget, one complete
+            texts = ["", ""]
+            for i, item in engine.stream_many(requests):
+                if item is not None:
+                    texts[i] += item.text
+            runs.append((texts, engine.steps))
+        (plain, plain_steps), (fast, fast_steps), (drafted, drafted_steps) = runs
+        assert plain == fast == drafted
+        assert json.loads(drafted[1]) == EXPECTED[name] and json.loads(drafted[0])
+        assert drafted_steps < fast_steps < plain_steps
 
 
 def test_a_budget_below_the_schema_minimum_is_refused_before_generating(tiny):
