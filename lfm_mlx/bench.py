@@ -518,6 +518,10 @@ def main(argv: Optional[list] = None) -> dict:
         from .bench_serve import main as serve
 
         return serve(argv[1:])
+    if argv and argv[0] == "schemas":  # python -m lfm_mlx.bench schemas --dir DIR: schema coverage
+        from .bench_schemas import main as schemas
+
+        return schemas(argv[1:])
     if argv and argv[0] == "extraction":  # python -m lfm_mlx.bench extraction: fast-forward, constraint cost
         from .bench_extraction import main as extraction
 

@@ -42,19 +42,23 @@ EXPECTED = SCHEMAS.parent / "expected"
 REFERENCE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "lfm2-reference" / "LFM2-350M"
 
 
+def copy_tokenizer(tokenizer: Path, checkpoint: Path) -> Path:
+    """``checkpoint`` (random weights) with the tokenizer files of ``tokenizer`` beside them."""
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise OSError(f"no tokenizer.json in {tokenizer}: pass --tokenizer DIR (an LFM2 tokenizer) or --model")
+    for f in tokenizer.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, checkpoint / f.name)
+    return checkpoint
+
+
 def checkpoint(args) -> Path:
     """The model to measure: ``--model``, or random 350M-shape weights with the real tokenizer."""
     if args.model:
         return Path(args.model)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    source = random_checkpoint(cache / "lfm2-350m-bf16", LFM2_350M)
-    tokenizer = Path(args.tokenizer)
-    if not (tokenizer / "tokenizer.json").is_file():
-        raise OSError(f"no tokenizer.json in {tokenizer}: pass --tokenizer DIR (an LFM2 tokenizer) or --model")
-    for f in tokenizer.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, source / f.name)
+    source = copy_tokenizer(Path(args.tokenizer), random_checkpoint(cache / "lfm2-350m-bf16", LFM2_350M))
     return quantized_checkpoint(source, args.bits, 64, cache) if args.bits else source
 
 

@@ -193,7 +193,7 @@ class _Row:
             (p for p in request.logits_processors if hasattr(p, "fast_forward")), None)
         self.forced: list[int] = []  # tokens forced after ``pending``, fed with it this step
         speculate = engine.draft_tokens and self.constraint is not None and request.sampling.greedy
-        self.lookup = NgramIndex(self.prompt) if speculate else None  # prompt lookup: drafts
+        self.lookup = NgramIndex(self.prompt, min_n=1) if speculate else None  # prompt lookup: drafts
         self.drafts: list[int] = []  # fed after ``forced`` this step, to verify
         self.step_tokens = 0  # tokens fed this step: pending, forced, drafts
         self.drafted = self.accepted = 0
