@@ -624,7 +624,8 @@ class GrammarConstraint:
         self._draft_masks, self._draft_states = [self._next_bitmask().copy()], [self._state()]
         taken: list[int] = []
         for token in drafts:
-            if not (int(self._draft_masks[-1].view(np.uint32)[0, token >> 5]) >> (token & 31)) & 1:
+            allowed = (int(self._draft_masks[-1].view(np.uint32)[0, token >> 5]) >> (token & 31)) & 1
+            if not allowed or token == self._ll.eos_token:  # after EOS the matcher cannot roll back
                 break
             self._advance(token)
             taken.append(token)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import ConvCache, KVCache, PromptCache, cache_arrays
-from .engine import Engine, GenerationResponse, NgramIndex, ReplyText, Request, StopMatcher
+from .engine import Engine, GenerationResponse, ReplyText, Request, StopMatcher
 from .sample import SamplingSettings
 from .tools import TOOL_CALL_END, TOOL_CALL_START, format_tool_calls, parse_tool_calls
 
@@ -113,6 +113,32 @@ def decode_tokens(step: Callable[[mx.array], mx.array], token: int, cache: Promp
             cache.tokens.append(token)
         yield token
         y = next_y
+
+
+class NgramIndex:
+    """Where each n-gram (min_n <= n <= max_n) of a token sequence last occurred with a token after it."""
+
+    def __init__(self, tokens: Sequence[int], max_n: int = 3, min_n: int = 2):
+        self.tokens: list[int] = []
+        self.max_n, self.min_n = max_n, min_n
+        self.next_position: dict[tuple, int] = {}
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        end = len(self.tokens) - 1  # the n-grams ending just before the new token now have a successor
+        for n in range(self.min_n, min(self.max_n, end) + 1):
+            self.next_position[tuple(self.tokens[end - n : end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """The ``k`` tokens that followed the latest earlier occurrence of the longest suffix found.
+        A single matching token is too weak a clue: wrong drafts cost a wider verification pass."""
+        for n in range(min(self.max_n, len(self.tokens)), self.min_n - 1, -1):
+            position = self.next_position.get(tuple(self.tokens[-n:]))
+            if position is not None:
+                return self.tokens[position : position + k]
+        return []
 
 
 @dataclass

@@ -14,7 +14,7 @@ import conftest
 import lfm_mlx
 from conftest import EOS, ban, forcing
 from lfm_mlx.constrain import JSONConstraint
-from lfm_mlx.engine import Engine, Request
+from lfm_mlx.engine import Engine, Request, continuation
 from lfm_mlx.sample import SamplingSettings
 
 GREEDY = SamplingSettings(**conftest.GREEDY)  # the engine takes settings objects
@@ -238,3 +238,11 @@ def test_forced_tokens_stream_as_text_with_stop_strings(tiny):
     r = list(Engine(model, tok).submit(Request([5, 6], max_tokens=40, sampling=GREEDY, stop=["STOP"],
                                                logits_processors=[forcing(ids)])))
     assert "".join(x.text for x in r) == "alpha beta " and r[-1].finish_reason == "stop"
+
+
+def test_prompt_lookup_continues_the_longest_end_of_the_reply_found_in_the_prompt():
+    source = "Contact Dr. Amara Okafor, Head of Procurement. Okafor's email: amara@x.io"
+    assert continuation(source, '{"name": "Dr. Amara', chars=8) == " Okafor,"
+    assert continuation(source, '"email": "Okafor', chars=4) == "'s e"  # the latest occurrence
+    assert continuation(source, '"x": "zz', chars=8) == ""
+    assert continuation(source, "ab", chars=8) == ""  # under 3 characters: too weak a clue
