@@ -4,11 +4,12 @@
 
 For every ``*.json`` under ``--dir`` (one folder per dataset): ``check_schema`` (a SchemaError is a
 refusal; any other exception is a bug, listed apart), the constraint's compile time (everything before
-the first token: the schema check, llguidance's grammar and the shortest document), then one greedy
+the first token: the schema check, llguidance's grammar and the shortest document; a schema whose
+shortest document exceeds ``--max-tokens`` is refused at this point, BudgetError), then one greedy
 extraction from a fixed paragraph and a jsonschema check of the output (formats not checked). Without
 ``--model``, a tiny random-weight LFM2 with the real tokenizer from ``--tokenizer``: the grammar does the
 work here, so the model's size does not matter. Prints, per dataset and in total: schemas, accepted %,
-valid % of all, median compile ms and mask ms per generated token.
+shortest document over the budget, valid % of all, median compile ms and mask ms per generated token.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Optional
 
 from .bench import LFM2_350M, random_checkpoint
 from .bench_extraction import REFERENCE_TOKENIZER, copy_tokenizer
-from .constrain import JSONConstraint, SchemaError, _compile
+from .constrain import BudgetError, JSONConstraint, SchemaError, _compile, check_schema
 from .extract import extract
 from .loading import load
 
@@ -39,7 +40,8 @@ TINY = dict(LFM2_350M, hidden_size=128, block_dim=128, num_hidden_layers=4, num_
 class Outcome:
     dataset: str
     name: str
-    accepted: bool = False
+    accepted: bool = False  # by check_schema
+    over_budget: bool = False  # its shortest document takes more than max_tokens
     valid: bool = False
     compile_ms: float = 0.0
     mask_ms_per_token: float = 0.0
@@ -53,10 +55,14 @@ def measure(model, tokenizer, path: Path, max_tokens: int) -> Outcome:
         schema = json.loads(path.read_text(encoding="utf-8"))
         _compile.cache_clear()  # time the first compile, as a new schema gets it
         start = time.perf_counter()
+        check_schema(schema)
+        outcome.accepted = True
         JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=max_tokens)
         outcome.compile_ms = 1000 * (time.perf_counter() - start)
-        outcome.accepted = True
         result = extract(model, tokenizer, TEXT, schema, max_tokens=max_tokens)
+    except BudgetError as e:
+        outcome.over_budget, outcome.reason = True, str(e)
+        return outcome
     except SchemaError as e:
         outcome.reason = str(e).splitlines()[0]
         return outcome
@@ -86,22 +92,26 @@ def run(model, tokenizer, directory: Path, every: int = 1, max_tokens: int = 512
 
 
 def table(outcomes: list[Outcome]) -> str:
-    lines = ["| dataset | schemas | accepted | valid (of all) | median compile ms | mask ms/token |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| dataset | schemas | accepted | over budget | valid (of all) | median compile ms | mask ms/token |",
+             "|---|---|---|---|---|---|---|"]
     groups: dict[str, list[Outcome]] = {}
     for o in outcomes:
         groups.setdefault(o.dataset, []).append(o)
     for name, group in [*sorted(groups.items()), ("total", outcomes)]:
         accepted = [o for o in group if o.accepted]
-        compile_ms = statistics.median(o.compile_ms for o in accepted) if accepted else 0.0
+        compiled = [o.compile_ms for o in accepted if o.compile_ms]
+        compile_ms = statistics.median(compiled) if compiled else 0.0
         masks = [o.mask_ms_per_token for o in accepted if o.mask_ms_per_token]
         lines.append(f"| {name} | {len(group)} | {len(accepted) / len(group):.1%} | "
+                     f"{sum(o.over_budget for o in group)} | "
                      f"{sum(o.valid for o in group) / len(group):.1%} | {compile_ms:.0f} | "
                      f"{statistics.median(masks) if masks else 0.0:.2f} |")
     refused = [o for o in outcomes if not o.accepted and not o.crash]
-    invalid = [o for o in outcomes if o.accepted and not o.valid and not o.crash]
+    over = [o for o in outcomes if o.over_budget]
+    invalid = [o for o in outcomes if o.accepted and not o.valid and not o.crash and not o.over_budget]
     crashed = [o for o in outcomes if o.crash]
-    for title, group, field in (("Refused", refused, "reason"), ("Accepted, output not valid", invalid, "reason"),
+    for title, group, field in (("Refused", refused, "reason"), ("Shortest document over the budget", over, "reason"),
+                                ("Accepted, output not valid", invalid, "reason"),
                                 ("Exceptions other than SchemaError (bugs)", crashed, "crash")):
         if group:
             lines += ["", f"{title}:"] + [f"- {o.dataset}/{o.name}: {getattr(o, field)[:200]}" for o in group]
