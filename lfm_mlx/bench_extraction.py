@@ -63,10 +63,12 @@ def checkpoint(args) -> Path:
 
 
 def measure(model, tokenizer, schema: dict, text: str, max_tokens: int, fast_forward: bool) -> dict:
-    engine = Engine(model, tokenizer, max_batch=1, fast_forward=fast_forward)
+    """One extraction of random weights' own output: token by token, or with the engine's defaults."""
+    engine = Engine(model, tokenizer, max_batch=1) if fast_forward else \
+        Engine(model, tokenizer, max_batch=1, fast_forward=False, draft_tokens=0)
     result = extract(model, tokenizer, text, schema, max_tokens=max_tokens, engine=engine)
     n = result.stats.generation_tokens
-    passes = n - engine.forced_tokens  # one per sampled token
+    passes = engine.steps - 1  # the first step reads the prompt; one pass per step after it, one row
     return {"output": result.data, "tokens": n, "passes": passes, "per_pass": n / max(passes, 1),
             "tps": result.stats.generation_tps, "valid": result.valid}
 
@@ -103,7 +105,7 @@ class Oracle:
         return mx.where(keep, logits, mx.array(-np.inf, logits.dtype))
 
 
-def replay(model, tokenizer, schema: dict, text: str, document, fast_forward: bool, draft_tokens: int = 0) -> dict:
+def replay(model, tokenizer, schema: dict, text: str, document, fast_forward: bool, draft_tokens: int) -> dict:
     """The model writes ``document`` (steered by an Oracle) under the schema's constraint."""
     constraint = JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=1024)
     engine = Engine(model, tokenizer, max_batch=1, fast_forward=fast_forward, draft_tokens=draft_tokens)
@@ -138,7 +140,7 @@ def run(args) -> dict:
         expected = EXPECTED / f"{name}.json"
         if expected.is_file():
             document = json.loads(expected.read_text(encoding="utf-8"))
-            before, after = (replay(model, tokenizer, schema, text, document, ff) for ff in (False, True))
+            before, after = (replay(model, tokenizer, schema, text, document, ff, 0) for ff in (False, True))
             drafted = replay(model, tokenizer, schema, text, document, True, args.draft_tokens)
             report["replayed"].append({"preset": name, "before": before, "after": after, "drafted": drafted,
                                        "identical": before["output"] == after["output"] == drafted["output"]})

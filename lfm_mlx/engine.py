@@ -14,7 +14,7 @@ Each row samples with its own settings, seed, stop strings and logits processors
 constraint). The next step is queued before the previous step's tokens are read back, so the device
 computes while Python detokenizes. Text a constraint forces after a sampled token (a key, `": "`,
 closing brackets: its ``fast_forward``) is fed with that token in the same pass, not one step each.
-With ``draft_tokens``, greedy constrained rows also guess ahead by prompt lookup: the text that
+With ``draft_tokens`` (4 unless set), greedy constrained rows also guess ahead by prompt lookup: the text that
 followed the latest occurrence, in the prompt, of the last characters written (a value being copied
 from the document), tokenized. Drafts the grammar allows are fed in the same pass, verified against
 the masked greedy choice at each position, and the caches step back over the rejected ones, so the
@@ -43,6 +43,7 @@ from .sample import SamplingSettings, build_processors, new_key, sample, split_k
 DEFAULT_MAX_BATCH = 32
 DEFAULT_PREFILL_STEP = 512  # prompt tokens per step while nothing else runs
 DEFAULT_INTERLEAVE = 64  # prompt tokens per step beside running streams: their latency bound
+DEFAULT_DRAFT_TOKENS = 4  # prompt-lookup drafts per pass for greedy constrained rows (extraction)
 
 
 class Cancelled(RuntimeError):
@@ -272,7 +273,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, interleave_tokens: int = DEFAULT_INTERLEAVE,
-                 prefix_cache_bytes: int = 0, fast_forward: bool = True, draft_tokens: int = 0):
+                 prefix_cache_bytes: int = 0, fast_forward: bool = True, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         if max_batch < 1 or prefill_step_size < 1 or interleave_tokens < 1:
             raise ValueError("max_batch, prefill_step_size and interleave_tokens must be positive")
         self.model, self.tokenizer = model, tokenizer
