@@ -12,16 +12,20 @@ one row into another, and a row's tokens are computed as they would be alone.
 
 Each row samples with its own settings, seed, stop strings and logits processors (e.g. a JSON-schema
 constraint). The next step is queued before the previous step's tokens are read back, so the device
-computes while Python detokenizes. Text a constraint forces after a sampled token (a key, `": "`,
-closing brackets: its ``fast_forward``) is fed with that token in the same pass, not one step each.
-With ``draft_tokens`` (4 unless set), greedy constrained rows also guess ahead by prompt lookup: the text that
-followed the latest occurrence, in the prompt, of the last characters written (a value being copied
-from the document), tokenized. Drafts the grammar allows are fed in the same pass, verified against
-the masked greedy choice at each position, and the caches step back over the rejected ones, so the
-output stays the token-by-token one. Looking text up rather than token ids finds values whose
-tokens differ inside JSON (`"Ada` is not ` Ada`). The engine runs where it is driven: iterating a ``Generation`` steps
-it when no thread does (a notebook), or ``start()`` gives it a thread of its own (the server, the
-app), which is then the only thread that touches MLX.
+computes while Python detokenizes.
+
+Text a constraint forces after a sampled token (a key, `": "`, closing brackets: its ``fast_forward``)
+is fed with that token in the same pass, not one step each. With ``draft_tokens`` (4 unless set),
+greedy constrained rows also guess ahead by prompt lookup: the text that followed the latest
+occurrence, in the prompt, of the last characters written (a value being copied from the document),
+tokenized. Drafts the grammar allows are fed in the same pass, verified against the masked greedy
+choice at each position, and the caches step back over the rejected ones, so the output stays the
+token-by-token one. Looking text up rather than token ids finds values whose tokens differ inside
+JSON (`"Ada` is not ` Ada`).
+
+The engine runs where it is driven: iterating a ``Generation`` steps it when no thread does (a
+notebook), or ``start()`` gives it a thread of its own (the server, the app), which is then the only
+thread that touches MLX.
 """
 
 from __future__ import annotations
