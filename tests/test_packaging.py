@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "requirements.txt", "README.md", "convert.py", "lfm_mlx", "app", "assets/schemas")
+SOURCES = ("pyproject.toml", "requirements.txt", "README.md", "convert.py", "lfm_mlx", "app", "assets/schemas",
+           "assets/expected")
 COMMANDS = {"lfm-mlx-app", "lfm-mlx-server", "lfm-mlx-extract", "lfm-mlx-convert"}
 
 
@@ -40,7 +41,8 @@ def test_the_wheel_works_from_another_folder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     check = ("import lfm_mlx, convert, app.__main__ as m; from lfm_mlx.extract import SCHEMAS_DIR; "
              "assert SCHEMAS_DIR.is_relative_to(r'%s'), SCHEMAS_DIR; assert (SCHEMAS_DIR / 'invoice.json').is_file(); "
-             "assert m.STYLE.is_file(); print(lfm_mlx.__file__)" % site)
+             "assert m.STYLE.is_file(); from lfm_mlx.bench_extraction import EXPECTED; "
+             "assert (EXPECTED / 'invoice.json').is_file(); print(lfm_mlx.__file__)" % site)
     out = subprocess.run([sys.executable, "-c", check], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith(str(site)), out.stderr
     usage = subprocess.run([site / "bin" / "lfm-mlx-extract", "--help"], cwd=elsewhere, env=env,
