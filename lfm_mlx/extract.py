@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .cache import DEFAULT_MAX_KV_SIZE
 from .constrain import (SUBSCHEMA, SUBSCHEMA_LISTS, SUBSCHEMA_MAPS, JSONConstraint, SchemaError, check_schema,
                         schema_report)
+from .distributed import Work, World, read_journal, run_rounds
 from .engine import Cancelled, Engine, GenerationResponse, Request
 from .generate import encode_prompt, message_starts, sampling_settings
 from .grounding import Span, ground
@@ -680,11 +681,14 @@ def _check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path
 
 def _previous_rows(path: Path, records: list[Record]) -> dict[Any, dict]:
     """For --resume: an earlier run's rows by id, those that went through extraction (valid or
-    not). A record that failed before extraction (a bad line) is read again: it may be fixed now."""
-    if not path.exists():
-        return {}
+    not), from the output and from the journal of rows a stopped run finished after its last save.
+    A record that failed before extraction (a bad line) is read again: it may be fixed now."""
     rows: dict[Any, dict] = {}
-    for n, line in enumerate(path.read_bytes().split(b"\n"), 1):
+    for row in read_journal(_journal_path(path)):
+        if isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and row.get("chunks", 0) > 0:
+            rows.setdefault(row["id"], row)
+    lines = path.read_bytes().split(b"\n") if path.exists() else []
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -757,6 +761,19 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    """SIGTERM does nothing meanwhile (in the main thread, the only one that gets signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _positive(value: str) -> int:
     """An argparse type, so that a bad count is refused before the model loads."""
     try:
@@ -786,8 +803,7 @@ def _exit_code(stopped: BaseException) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .resolve import DEFAULT_MODEL, resolve_model
-    from .loading import load
+    from .resolve import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="python -m lfm_mlx.extract",
                                      description="Extract JSON that conforms to a schema from many documents.")
@@ -808,10 +824,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=_positive, default=8,
                         help="document chunks decoded together (default 8)")
     args = parser.parse_args(argv)
+    world = World()  # this process alone, or one of those `mlx.launch` started
 
     def log(message: str) -> None:
-        print(message, file=sys.stderr)
+        print(message if world.size == 1 else f"[rank {world.rank}] {message}", file=sys.stderr)
 
+    if world.rank != 0:
+        return _worker(world, args, log)
     try:  # everything that can fail on the user's input, before any output exists
         if args.instructions and _lone_surrogate(args.instructions) is not None:
             raise ValueError("--instructions is not valid Unicode (undecodable bytes in the command line)")
@@ -826,16 +845,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"note: the grammar cannot enforce {', '.join(left)}: checked after generation (sampled again if broken)")
         records = read_records(source)
         previous = _previous_rows(outputs[0][1], records) if args.resume else {}
-        model, tokenizer = load(resolve_model(args.model, demo=args.demo, log=log).path)
-        JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=args.max_tokens)  # BudgetError
     except KeyboardInterrupt as e:
+        world.broadcast(json.dumps({"error": "interrupted"}).encode())
         log("interrupted before any extraction: nothing written")
         return _exit_code(e)
     except Exception as e:  # a one-line message, not a traceback
+        world.broadcast(json.dumps({"error": str(e)}).encode())
         log(f"error: {e}")
         return 1
+    world.broadcast(json.dumps({"schema": schema}).encode())
+    loaded = _load_everywhere(world, args, schema, log)
+    if loaded is None:
+        return 1
+    model, tokenizer = loaded
 
     rows: dict[int, dict] = {}  # finished rows by record index
+    journal = _journal_path(outputs[0][1])
     todo = []
     for i, (record_id, text, error) in enumerate(records):
         if error:
@@ -854,42 +879,94 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_atomic(outputs[1][1], lambda f: _write_csv(f, schema, done))
         return done
 
-    options = dict(instructions=args.instructions, max_tokens=args.max_tokens, temperature=args.temperature,
-                   seed=args.seed, context_budget=args.context_budget, batch_size=args.batch_size)
     stopped, extracted = None, 0
     last_save = time.monotonic()
 
-    def keep(j: int, result: Extraction) -> None:
+    def keep(i: int, row: dict) -> None:
         nonlocal extracted, last_save
-        rows[todo[j]] = {"id": records[todo[j]][0], **result.to_dict()}
+        rows[i] = {"id": records[i][0], **row}
+        written.write(json.dumps(rows[i], ensure_ascii=False) + "\n")  # a killed run loses nothing finished
+        written.flush()
         extracted += 1
-        if time.monotonic() - last_save > SAVE_EVERY_S:  # a killed run loses at most this much
+        if time.monotonic() - last_save > SAVE_EVERY_S:
             save()
             last_save = time.monotonic()
 
+    work = _chunk_worker(model, tokenizer, schema, args, progress=world.size == 1)
     try:  # what finishes is kept, so that a stopped run can be resumed
-        with _sigterm_raises():
-            extract_many(model, tokenizer, [records[i][1] for i in todo], schema, on_result=keep, **options)
+        with _sigterm_raises(), journal.open("a" if args.resume else "w", encoding="utf-8") as written:
+            run_rounds(world, work, [(i, records[i][1]) for i in todo], on_row=keep,
+                       chunk=len(todo) if world.size == 1 else 2 * args.batch_size, log=log)
     except (KeyboardInterrupt, _Terminated, Exception) as e:
         stopped = e
-    what = f"error: {stopped}" if isinstance(stopped, Exception) else "interrupted"
-    if stopped is not None and not extracted:  # an earlier run's output stays as it was
-        log(f"{what}: no record finished; nothing written")
-        return _exit_code(stopped)
+    with _sigterm_ignored():  # `mlx.launch` stops every rank when one is lost: the results still get saved
+        what = f"error: {stopped}" if isinstance(stopped, Exception) else "interrupted"
+        if stopped is not None and not extracted:  # an earlier run's output stays as it was
+            log(f"{what}: no record finished; nothing written")
+            return _exit_code(stopped)
+        try:
+            done = save()
+        except OSError as e:
+            log(f"error: cannot write the results: {e}")
+            return 1
+        if stopped is not None:
+            log(f"{what}: {len(done)} of {len(records)} records written to {args.output}; to extract the other "
+                f"{len(records) - len(done)}, run the same command again with --resume")
+            return _exit_code(stopped)
+        journal.unlink(missing_ok=True)
+        valid = sum(r["valid"] for r in done)
+        log(f"{len(done)} records: {valid} valid, {len(done) - valid} with errors → {args.output}")
+        for r in done:
+            if r.get("error"):
+                log(f"  {r['id']}: {r['error']}")
+        return 0
+
+
+def _journal_path(output: Path) -> Path:
+    """Where finished rows are appended as they arrive, beside the output (removed once it is written)."""
+    return output.with_name(output.name + ".journal")
+
+
+def _chunk_worker(model, tokenizer, schema: dict, args: argparse.Namespace, progress: bool) -> Work:
+    """A rank's work: its chunk of (index, text) records through ``extract_many``, each row emitted as it ends."""
+    options = dict(instructions=args.instructions, max_tokens=args.max_tokens, temperature=args.temperature,
+                   seed=args.seed, context_budget=args.context_budget, batch_size=args.batch_size, progress=progress)
+
+    def work(chunk: list[tuple[int, str]], emit: Callable[[int, dict], None]) -> None:
+        extract_many(model, tokenizer, [text for _, text in chunk], schema, **options,
+                     on_result=lambda j, result: emit(chunk[j][0], result.to_dict()))
+    return work
+
+
+def _load_everywhere(world: World, args: argparse.Namespace, schema: dict, log: Callable[[str], None]):
+    """(model, tokenizer) on this rank, once every rank has loaded its own and can fill the schema
+    within --max-tokens; None (each problem logged by its rank) if any could not."""
+    from .loading import load
+    from .resolve import resolve_model
+
+    loaded, problem = None, ""
     try:
-        done = save()
-    except OSError as e:
-        log(f"error: cannot write the results: {e}")
+        model, tokenizer = load(resolve_model(args.model, demo=args.demo, log=log).path)
+        JSONConstraint(tokenizer, schema, vocab_size=model.args.vocab_size, max_tokens=args.max_tokens)  # BudgetError
+        loaded = model, tokenizer
+    except Exception as e:  # a one-line message, not a traceback
+        problem = str(e) or type(e).__name__
+        log(f"error: {problem}")
+    problems = [p.decode() for p in world.gather(problem.encode()) if p]
+    if problems and not problem and world.rank == 0:
+        log(f"error: another rank could not start: {problems[0]}")
+    return None if problems else loaded
+
+
+def _worker(world: World, args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """A rank other than 0: rank 0 reads the input and writes the output; this one extracts its chunks."""
+    setup = json.loads(world.broadcast(None))
+    if "error" in setup:
         return 1
-    if stopped is not None:
-        log(f"{what}: {len(done)} of {len(records)} records written to {args.output}; to extract the other "
-            f"{len(records) - len(done)}, run the same command again with --resume")
-        return _exit_code(stopped)
-    valid = sum(r["valid"] for r in done)
-    log(f"{len(done)} records: {valid} valid, {len(done) - valid} with errors → {args.output}")
-    for r in done:
-        if r.get("error"):
-            log(f"  {r['id']}: {r['error']}")
+    loaded = _load_everywhere(world, args, setup["schema"], log)
+    if loaded is None:
+        return 1
+    run_rounds(world, _chunk_worker(*loaded, setup["schema"], args, progress=False))
     return 0
 
 

@@ -731,7 +731,10 @@ def test_cli_keeps_finished_records_on_ctrl_c_and_resume_extracts_only_the_rest(
     assert [json.loads(line)["id"] for line in first] == [f"d{i}" for i in done] + [7]  # in input order
     assert all(json.loads(line)["valid"] for line in first[:4])
     assert len(list(csv.reader(table.open(encoding="utf-8")))) == 1 + 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.csv", "out.jsonl", "small.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.csv", "out.jsonl", "out.jsonl.journal",
+                                                          "small.json"]
+    journal = [json.loads(line) for line in (tmp_path / "out.jsonl.journal").read_text(encoding="utf-8").splitlines()]
+    assert sorted(row["id"] for row in journal) == [f"d{i}" for i in done]  # appended as each finished
 
     lines = docs.read_text(encoding="utf-8").splitlines()
     lines[6] = json.dumps({"id": "broken", "text": "Fixed: 9 EUR."})  # a bad line fixed meanwhile is extracted
@@ -746,6 +749,7 @@ def test_cli_keeps_finished_records_on_ctrl_c_and_resume_extracts_only_the_rest(
     assert [row[0] for row in csv.reader(table.open(encoding="utf-8"))][1:] == [
         "d0", "d1", "d2", "d3", "d4", "d5", "broken"]
     assert "resuming: 4 records kept" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.journal").exists()  # the output holds everything now
 
 
 def test_cli_keeps_finished_records_on_sigterm_and_leaves_an_earlier_output_if_nothing_finished(
