@@ -79,10 +79,15 @@ def run_rounds(world: World, work: Work, todo: Sequence[tuple[int, str]] = (),
     while True:
         plan = None
         if world.rank == 0:
+            sizes, total = list(chunk_sizes), sum(chunk_sizes)
+            if len(queue) < total:  # the last records: shared in the same proportions
+                sizes = [len(queue) * s // total for s in sizes]
+                for r in range(len(queue) - sum(sizes)):
+                    sizes[r % world.size] += 1
             chunks, start = [], 0
-            for r in range(world.size):
-                chunks.append(queue[start : start + chunk_sizes[r]])
-                start += chunk_sizes[r]
+            for size in sizes:
+                chunks.append(queue[start : start + size])
+                start += size
             del queue[:start]
             plan = json.dumps(chunks).encode()
         chunks = json.loads(world.broadcast(plan))
