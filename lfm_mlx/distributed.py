@@ -77,7 +77,7 @@ def run_rounds(world: World, work: Work, todo: Sequence[tuple[int, str]] = (),
     speed = [0.0] * world.size  # records per second, last round
     chunk_sizes = [chunk] * world.size
     while True:
-        plan = None
+        plan, chunks = None, [[] for _ in range(world.size)]
         if world.rank == 0:
             sizes, total = list(chunk_sizes), sum(chunk_sizes)
             if len(queue) < total:  # the last records: shared in the same proportions
@@ -90,9 +90,6 @@ def run_rounds(world: World, work: Work, todo: Sequence[tuple[int, str]] = (),
                 start += size
             del queue[:start]
             plan = json.dumps(chunks).encode()
-        chunks = json.loads(world.broadcast(plan))
-        if not any(chunks):
-            return
         started, rows, finished = time.perf_counter(), [], set()
 
         def emit(i: int, row: dict) -> None:
@@ -102,21 +99,28 @@ def run_rounds(world: World, work: Work, todo: Sequence[tuple[int, str]] = (),
             else:
                 rows.append((i, row))
 
+        exchanging = True
         try:
+            chunks = json.loads(world.broadcast(plan))
+            if not any(chunks):
+                return
+            exchanging = False
             work([(i, text) for i, text in chunks[world.rank]], emit)
-            seconds = time.perf_counter() - started
+            seconds, exchanging = time.perf_counter() - started, True
             gathered = world.gather(json.dumps({"rows": rows, "seconds": seconds}).encode())
-        except BaseException:
+            received = [json.loads(blob) for blob in gathered] if world.rank == 0 else []
+        except BaseException as e:
             if world.rank == 0 and world.size > 1:
                 for r, held in enumerate(chunks):
                     unfinished = [i for i, _ in held if r or i not in finished]
                     if unfinished:
                         log(f"rank {r} ({hosts[r]}) held {len(unfinished)} unfinished records (no. "
                             f"{', '.join(str(i + 1) for i in unfinished[:8])}{', …' if len(unfinished) > 8 else ''})")
+            if exchanging and world.size > 1 and isinstance(e, Exception):  # a peer died mid-collective
+                raise RuntimeError(f"lost contact with another rank ({type(e).__name__}: {e})") from e
             raise
         if world.rank == 0:
-            for r, blob in enumerate(gathered):
-                done = json.loads(blob)
+            for r, done in enumerate(received):
                 for i, row in done["rows"]:
                     if on_row is not None:
                         on_row(i, row)
