@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -894,7 +894,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     work = _chunk_worker(model, tokenizer, schema, args, progress=world.size == 1)
     try:  # what finishes is kept, so that a stopped run can be resumed
-        with _sigterm_raises(), journal.open("a" if args.resume else "w", encoding="utf-8") as written:
+        # Among several ranks SIGTERM (from `mlx.launch`, when a rank is lost) keeps its default: a Python
+        # handler cannot run while MLX waits on a dead peer. The journal already holds what finished.
+        with _sigterm_raises() if world.size == 1 else nullcontext(), \
+                journal.open("a" if args.resume else "w", encoding="utf-8") as written:
             run_rounds(world, work, [(i, records[i][1]) for i in todo], on_row=keep,
                        chunk=len(todo) if world.size == 1 else 2 * args.batch_size, log=log)
     except (KeyboardInterrupt, _Terminated, Exception) as e:
@@ -903,7 +906,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         what = f"error: {stopped}" if isinstance(stopped, Exception) else "interrupted"
         if stopped is not None and not extracted:  # an earlier run's output stays as it was
             log(f"{what}: no record finished; nothing written")
-            return _exit_code(stopped)
+            return _stop(world, _exit_code(stopped))
         try:
             done = save()
         except OSError as e:
@@ -912,7 +915,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stopped is not None:
             log(f"{what}: {len(done)} of {len(records)} records written to {args.output}; to extract the other "
                 f"{len(records) - len(done)}, run the same command again with --resume")
-            return _exit_code(stopped)
+            return _stop(world, _exit_code(stopped))
         journal.unlink(missing_ok=True)
         valid = sum(r["valid"] for r in done)
         log(f"{len(done)} records: {valid} valid, {len(done) - valid} with errors → {args.output}")
@@ -920,6 +923,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if r.get("error"):
                 log(f"  {r['id']}: {r['error']}")
         return 0
+
+
+def _stop(world: World, code: int) -> int:
+    """``code`` for a run that stopped early. Among several ranks, exit now: the others are gone or
+    stopping, and tearing down a broken ring can block forever (a SIGTERM from ``mlx.launch`` may
+    already have been ignored while the results were saved)."""
+    if world.size > 1:
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _journal_path(output: Path) -> Path:
