@@ -291,7 +291,6 @@ class Engine:
         self.waiting: deque[Generation] = deque()
         self.running: list[_Row] = []
         self.steps = 0
-        self.forced_tokens = 0  # tokens a constraint forced, fed beside a sampled one (no pass of their own)
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -504,7 +503,6 @@ class Engine:
             if token not in self.eos:
                 room = min(row.request.max_tokens - row.text.count - 2, row.chunk_limit() - 1)
                 row.forced = row.constraint.fast_forward(token, room)
-                self.forced_tokens += len(row.forced)
         return len(row.forced)
 
     def _draft(self, row: _Row) -> int:
