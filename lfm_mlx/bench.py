@@ -522,6 +522,10 @@ def main(argv: Optional[list] = None) -> dict:
         from .bench_schemas import main as schemas
 
         return schemas(argv[1:])
+    if argv and argv[0] == "cpu":  # python -m lfm_mlx.bench cpu: against llama.cpp, quiet and busy
+        from .bench_cpu import main as cpu
+
+        return cpu(argv[1:])
     if argv and argv[0] == "extraction":  # python -m lfm_mlx.bench extraction: fast-forward, constraint cost
         from .bench_extraction import main as extraction
 

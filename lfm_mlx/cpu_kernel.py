@@ -1,205 +1,187 @@
-"""A SIMD quantized matrix-vector product for MLX's CPU backend, built on first use with the C compiler.
+"""The quantized product on MLX's CPU backend, as a node of MLX's graph.
 
 MLX's CPU ``quantized_matmul`` is a scalar loop whose running sum is one long dependency chain: about
 1 ns per weight, so 4-bit LFM2-350M decodes at ~2.5 tok/s, far under what memory bandwidth allows.
-This kernel unpacks eight weights at once into a float vector and keeps independent accumulators; GCC
-and Clang vector extensions make it AVX2 on x86-64 and NEON on arm64, 5-10x faster than MLX's loop.
+``lfm_mlx/kernels/qmm.cpp`` is an MLX extension (a ``Primitive`` with ``eval_cpu``, MLX's "custom
+extensions" layout) with two kernels for few rows of float32 input against affine 4/8-bit weights:
+float activations (exact to float rounding, the reference) and int8 activations (quantized per 32
+values and multiplied as integers: AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, plain C++ elsewhere,
+~2-3x faster). Since it is a graph node, a decode step is one evaluation and can be compiled.
 
-Built with OpenMP where the compiler has it, large products split their output rows across cores.
-It takes few rows (decode, batched decode, speculative verification) of float32 inputs against large
-affine 4- or 8-bit weights; everything else, every GPU, and machines without a C compiler use MLX's
-own kernels. ``LFM_MLX_CPU_KERNEL=0`` turns it off. The built library is cached in ``~/.cache/lfm_mlx``
-(or ``$LFM_MLX_CACHE``), keyed by the source, the compiler and the CPU.
+It is built with CMake on first use against the installed ``mlx`` and ``nanobind`` and cached in
+``~/.cache/lfm_mlx`` (or ``$LFM_MLX_CACHE``), keyed by the sources, the versions and the CPU. Without a
+compiler or CMake, or when the build fails, one line says so and MLX's own kernels are used; on a GPU
+they always are. ``LFM_MLX_CPU_KERNEL=0`` turns the extension off, ``LFM_MLX_INT8=0`` keeps float
+activations, ``LFM_MLX_THREADS=N`` sets the threads that share a product (default: every core).
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import mlx.core as mx
-import numpy as np
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-typedef float f8 __attribute__((vector_size(32)));
-typedef uint32_t u8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef uint8_t b8 __attribute__((vector_size(8)));
-
-static inline f8 load8(const float* p) { f8 v; memcpy(&v, p, sizeof v); return v; }
-static inline float sum8(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
-
-/* Weights i .. i + 7 of a packed row (mx.quantize's layout: low bits first), as floats. */
-static inline f8 unpack4(const uint8_t* row, int i) {
-  uint32_t word; memcpy(&word, row + i / 2, 4);
-  const u8 shifts = {0, 4, 8, 12, 16, 20, 24, 28};
-  return __builtin_convertvector((i8)(((u8){0} + word >> shifts) & 15u), f8);
-}
-static inline f8 unpack8(const uint8_t* row, int i) {
-  b8 bytes; memcpy(&bytes, row + i, 8);
-  return __builtin_convertvector(__builtin_convertvector(bytes, i8), f8);
-}
-
-/* y[m, n] = sum_k x[m, k] (scales[n, g] q[n, k] + biases[n, g]), g = k / group_size, computed as
-   sum_g scales[n, g] (q . x)_g + biases[n, g] (sum x)_g for R <= 4 rows at once: each weight is
-   unpacked once for all of them. Every row's arithmetic is the same whatever R is, so a row's result
-   does not depend on the rows beside it (speculative verification equals one-token decoding). */
-static inline __attribute__((always_inline)) void rows(
-    const int bits, const int R, const float* x, const uint8_t* row, const float* scales,
-    const float* biases, const float* xsum, float* y, int N, int K, int group_size) {
-  const int G = K / group_size;
-  f8 acc[4] = {{0}};
-  float offset[4] = {0};
-  for (int g = 0; g < G; g++) {
-    f8 d0[4] = {{0}}, d1[4] = {{0}}; /* two chains per row hide the multiply-add latency */
-    for (int k = g * group_size; k < (g + 1) * group_size; k += 16) {
-      f8 q0 = bits == 4 ? unpack4(row, k) : unpack8(row, k);
-      f8 q1 = bits == 4 ? unpack4(row, k + 8) : unpack8(row, k + 8);
-      for (int r = 0; r < R; r++) {
-        d0[r] += q0 * load8(x + (long)r * K + k);
-        d1[r] += q1 * load8(x + (long)r * K + k + 8);
-      }
-    }
-    for (int r = 0; r < R; r++) {
-      acc[r] += scales[g] * (d0[r] + d1[r]);
-      offset[r] += biases[g] * xsum[r * G + g];
-    }
-  }
-  for (int r = 0; r < R; r++) y[(long)r * N] = sum8(acc[r]) + offset[r];
-}
-
-#define QMM_T(BITS)                                                                             \
-void qmm_t##BITS(const float* x, const uint8_t* w, const float* scales, const float* biases,   \
-                 float* y, int M, int N, int K, int group_size) {                               \
-  const int G = K / group_size;                                                                 \
-  float xsum[M * G];                                                                            \
-  for (int m = 0; m < M; m++)                                                                   \
-    for (int g = 0; g < G; g++) {                                                               \
-      f8 t = {0};                                                                               \
-      for (int k = 0; k < group_size; k += 8) t += load8(x + (long)m * K + g * group_size + k); \
-      xsum[m * G + g] = sum8(t);                                                                \
-    }                                                                                           \
-  _Pragma("omp parallel for schedule(static) if ((long)N * K >= (1L << 20))")                   \
-  for (int n = 0; n < N; n++) {                                                                 \
-    const uint8_t* row = w + (long)n * K * BITS / 8;                                            \
-    const float *s = scales + (long)n * G, *b = biases + (long)n * G;                           \
-    for (int m = 0; m < M; m += 4) {                                                            \
-      const float* xm = x + (long)m * K;                                                        \
-      float* ym = y + (long)m * N + n;                                                          \
-      switch (M - m < 4 ? M - m : 4) {                                                          \
-        case 1: rows(BITS, 1, xm, row, s, b, xsum + m * G, ym, N, K, group_size); break;        \
-        case 2: rows(BITS, 2, xm, row, s, b, xsum + m * G, ym, N, K, group_size); break;        \
-        case 3: rows(BITS, 3, xm, row, s, b, xsum + m * G, ym, N, K, group_size); break;        \
-        default: rows(BITS, 4, xm, row, s, b, xsum + m * G, ym, N, K, group_size);              \
-      }                                                                                         \
-    }                                                                                           \
-  }                                                                                             \
-}
-QMM_T(4)
-QMM_T(8)
-"""
-
-# Above this many rows, dequantize-then-BLAS (lfm_mlx.quantized) is the faster path anyway.
+SOURCES = Path(__file__).parent / "kernels"
+# Above this many rows, dequantize-then-BLAS (lfm_mlx.quantized) is the faster path: for float
+# activations, and for int8 ones (measured on a 2-core AVX-512 VNNI machine: equal at 128 rows).
 MAX_ROWS = 32
-# Below this many weights MLX's own loop takes no longer than the round trip out of MLX and back.
-MIN_WEIGHTS = 1 << 18
-_library: Optional[ctypes.CDLL] = None
+INT8_MAX_ROWS = 128
+# Activations per int8 scale (as llama.cpp's q8_0), as in qmm.cpp.
+BLOCK = 32
+_module: Optional[ModuleType] = None
 _tried = False
 
 
-def _compiler() -> Optional[str]:
-    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+class BuildError(RuntimeError):
+    pass
 
 
-def _build() -> Optional[ctypes.CDLL]:
-    cc = _compiler()
-    if cc is None or platform.machine().lower() not in ("x86_64", "amd64", "arm64", "aarch64"):
-        return None
-    native = "-march=native" if platform.machine().lower() in ("x86_64", "amd64") else "-mcpu=native"
-    flags = ["-O3", "-shared", "-fPIC"]
+def int8_activations() -> bool:
+    """Whether decode multiplies int8-quantized activations (the default) or float ones (exact)."""
+    return os.environ.get("LFM_MLX_INT8", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LFM_MLX_CACHE") or Path.home() / ".cache" / "lfm_mlx")
+
+
+def _arch_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return ["-march=native"]
+    return ["-mcpu=native"] if machine in ("arm64", "aarch64") else []
+
+
+def _build_key() -> str:
+    import nanobind
+
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
         cpu += next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    key = hashlib.sha256("\0".join([SOURCE, cc, native, *flags, cpu]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LFM_MLX_CACHE") or Path.home() / ".cache" / "lfm_mlx")
-    path = cache / f"qmm-{key}.so"
+    parts = [p.read_text() for p in sorted(SOURCES.iterdir()) if p.suffix in (".cpp", ".txt")]
+    parts += [mx.__version__, nanobind.__version__, sys.version, cpu, *_arch_flags()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _cmake() -> Optional[str]:
+    """pip's cmake (beside this Python even when its environment is not activated), or the system's."""
+    beside = Path(sys.executable).parent / "cmake"
+    return str(beside) if beside.is_file() else shutil.which("cmake")
+
+
+def _build(target: Path) -> None:
+    """Configure and build the extension with CMake into ``target`` (atomically)."""
+    try:
+        import nanobind  # noqa: F401  (its CMake files)
+    except ImportError as e:
+        raise BuildError("nanobind is not installed (pip install -r requirements.txt)") from e
+    cmake = _cmake()
+    if cmake is None:
+        raise BuildError("cmake was not found (pip install cmake, or your system's package)")
+    print("lfm_mlx: building the CPU kernel (once, about a minute)…", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        log = Path(tmp) / "build.log"
+        for flags in (_arch_flags(), []):  # this CPU's vector units if the compiler knows them
+            configure = [cmake, "-S", str(SOURCES), "-B", tmp + "/build", f"-DPython_EXECUTABLE={sys.executable}",
+                         f"-DLFM_MLX_ARCH_FLAGS={' '.join(flags)}", "-DCMAKE_BUILD_TYPE=Release"]
+            with log.open("w") as out:
+                ok = subprocess.run(configure, stdout=out, stderr=subprocess.STDOUT).returncode == 0 and \
+                    subprocess.run([cmake, "--build", tmp + "/build", "-j"], stdout=out,
+                                   stderr=subprocess.STDOUT).returncode == 0
+            if ok:
+                break
+            shutil.rmtree(tmp + "/build", ignore_errors=True)
+        else:
+            last = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:]
+            raise BuildError(f"the build failed ({last[0].strip()[:200] if last else 'no output'})")
+        built = next(Path(tmp, "build").glob("_qmm*" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")))
+        os.replace(built, target)  # atomic: concurrent builders never see half a library
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path):
+    """One builder at a time (several processes may start at once: a server and its tests)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "qmm.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: MLX does not run there anyway
+            pass
+        yield
+
+
+def _load() -> ModuleType:
+    cache = _cache_dir()
+    path = cache / f"qmm-{_build_key()}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src, out = Path(tmp) / "qmm.c", Path(tmp) / "qmm.so"
-            src.write_text(SOURCE)
-            # This CPU's vector units if the compiler knows the flag, else the architecture's baseline.
-            for extra in (["-fopenmp", native], [native], []):
-                command = [cc, *flags, *extra, str(src), "-o", str(out)]
-                if subprocess.run(command, capture_output=True).returncode == 0:
-                    break
-            else:
-                return None
-            os.replace(out, path)  # atomic: concurrent builders never see half a library
-    library = ctypes.CDLL(str(path))
-    for fn in (library.qmm_t4, library.qmm_t8):
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
-        fn.restype = None
-    return library
+        with _build_lock(cache):
+            if not path.is_file():
+                _build(path)
+    loader = importlib.machinery.ExtensionFileLoader("_qmm", str(path))
+    spec = importlib.util.spec_from_file_location("_qmm", path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    # A nanobind whose ABI differs from mlx's cannot take mlx arrays: check with a real product.
+    try:
+        w, s, b = mx.quantize(mx.ones((8, 64)), 64, 4)
+        mx.eval(module.quantized_matmul(mx.ones((1, 64)), w, s, b, 64, 4, False, stream=mx.cpu))
+    except TypeError as e:
+        raise BuildError("it cannot take mlx arrays: its nanobind does not match mlx's "
+                         "(pip install -U nanobind, then delete " + str(path) + ")") from e
+    return module
 
 
-def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or None when it is switched off or cannot be built here."""
-    global _library, _tried
+def extension() -> Optional[ModuleType]:
+    """The built extension, or None when it is switched off or cannot be built here (said once)."""
+    global _module, _tried
     if not _tried:
         _tried = True
         if os.environ.get("LFM_MLX_CPU_KERNEL", "1") != "0":
-            # OpenMP threads that spin between products starve when another process wants the cores
-            # (decode fell 5x beside one busy process); passive ones sleep. Read when OpenMP loads.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             try:
-                _library = _build()
-            except (OSError, subprocess.SubprocessError):
-                _library = None
-    return _library
+                _module = _load()
+            except (BuildError, OSError, ImportError, subprocess.SubprocessError, StopIteration) as e:
+                print(f"lfm_mlx: the fast CPU kernel is not available ({e}); using MLX's own quantized "
+                      "kernels, which decode several times slower", file=sys.stderr, flush=True)
+    return _module
 
 
-def applies(x: mx.array, layer) -> bool:
-    """Whether ``layer(x)`` can take the kernel: CPU, float32, affine 4/8-bit, a few rows, a large weight."""
+def applies(layer) -> bool:
+    """Whether the kernel takes ``layer`` (affine 4/8-bit, float32 scales) for float32 rows."""
     return (
         layer.mode == "affine"
         and layer.bits in (4, 8)
         and layer.group_size % 16 == 0
-        and x.dtype == mx.float32
         and layer["scales"].dtype == mx.float32
-        and x.size <= MAX_ROWS * x.shape[-1]
-        and layer["weight"].size * (32 // layer.bits) >= MIN_WEIGHTS
-        and mx.default_device() == mx.cpu
-        and library() is not None
+        and extension() is not None
     )
 
 
-def quantized_matmul(x: mx.array, *layers) -> Optional[list]:
-    """``mx.quantized_matmul(x, layer.weight, …, transpose=True)`` for each layer, by the kernel. It
-    evaluates ``x`` once for all of them: each evaluation is a round trip to MLX, so layers that read
-    the same input (q/k/v, gate/up) share one. None inside ``mx.compile`` or ``vmap``, whose arrays
-    have no values to hand over yet."""
-    K = x.shape[-1]
-    try:
-        xs = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, K))
-    except ValueError:
-        return None
-    outs = []
-    for layer in layers:
-        w, scales, biases = (np.ascontiguousarray(layer[k]) for k in ("weight", "scales", "biases"))
-        N = w.shape[0]
-        y = np.empty((xs.shape[0], N), np.float32)
-        kernel = library().qmm_t4 if layer.bits == 4 else library().qmm_t8
-        kernel(xs.ctypes.data, w.ctypes.data, scales.ctypes.data, biases.ctypes.data, y.ctypes.data,
-               xs.shape[0], N, K, layer.group_size)
-        outs.append(mx.array(y).reshape(*x.shape[:-1], N))
-    return outs
+def rounds_activations(layer) -> bool:
+    """Whether the kernel multiplies int8-rounded activations for ``layer``: with ``LFM_MLX_INT8``
+    on (the default) and a shape its int8 path takes (else its float path runs)."""
+    K = layer["weight"].shape[-1] * 32 // layer.bits
+    return int8_activations() and applies(layer) and extension().int8_supported(layer.bits, K, layer.group_size)
+
+
+def quantized_matmul(x: mx.array, layer, int8: Optional[bool] = None) -> mx.array:
+    """``mx.quantized_matmul(x, layer.weight, …, transpose=True)`` by the kernel, for float32 ``x`` on
+    the CPU; ``int8`` picks the activations (default: ``int8_activations()``)."""
+    return extension().quantized_matmul(
+        x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits,
+        int8_activations() if int8 is None else int8, stream=mx.cpu,
+    )

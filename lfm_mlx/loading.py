@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelArgs, load_config
 from .model import Model
+from .quantized import accelerate
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -232,6 +233,7 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
         mode=quantization.get("mode", "affine"),
         class_predicate=predicate,
     )
+    accelerate(model)
 
 
 def load_model(

@@ -2,8 +2,8 @@
 
 Layout and key names follow the Hugging Face checkpoints (``model.layers.N.conv.in_proj`` …), so
 weights load without renaming; ``sanitize`` is the one place where checkpoint layout is adapted.
-``Linear`` and ``Embedding`` are mlx's, except that their quantized forms stay fast on MLX's CPU
-backend too (see ``lfm_mlx.quantized``).
+Layers are mlx's own (``nn.Linear``, ``nn.Embedding``); loading swaps fast CPU products into their
+quantized forms (``lfm_mlx.quantized.accelerate``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 from .cache import Rows
 from .config import ModelArgs
-from .quantized import Embedding, Linear, project
 
 
 class Attention(nn.Module):
@@ -27,10 +26,10 @@ class Attention(nn.Module):
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = hd = args.head_dim
         self.scale = hd**-0.5
-        self.q_proj = Linear(args.hidden_size, self.n_heads * hd, bias=False)
-        self.k_proj = Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
-        self.v_proj = Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
-        self.out_proj = Linear(self.n_heads * hd, args.hidden_size, bias=False)
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=False)
         self.q_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.k_layernorm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.rope = initialize_rope(
@@ -39,7 +38,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_layernorm(q.reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3)
         k = self.k_layernorm(k.reshape(B, L, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -108,9 +107,9 @@ class ShortConv(nn.Module):
         super().__init__()
         d = args.hidden_size
         self.kernel_size = args.conv_L_cache
-        self.in_proj = Linear(d, 3 * d, bias=args.conv_bias)
+        self.in_proj = nn.Linear(d, 3 * d, bias=args.conv_bias)
         self.conv = DepthwiseCausalConv(d, args.conv_L_cache, args.conv_bias)
-        self.out_proj = Linear(d, d, bias=args.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=args.conv_bias)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
         b, c, h = mx.split(self.in_proj(x), 3, axis=-1)
@@ -162,12 +161,12 @@ class ShortConv(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, ff_dim: int):
         super().__init__()
-        self.w1 = Linear(dim, ff_dim, bias=False)
-        self.w3 = Linear(dim, ff_dim, bias=False)
-        self.w2 = Linear(ff_dim, dim, bias=False)
+        self.w1 = nn.Linear(dim, ff_dim, bias=False)
+        self.w3 = nn.Linear(dim, ff_dim, bias=False)
+        self.w2 = nn.Linear(ff_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = project(x, self.w1, self.w3)
+        gate, up = self.w1(x), self.w3(x)
         return self.w2(nn.silu(gate) * up)
 
 
@@ -194,7 +193,7 @@ class DecoderLayer(nn.Module):
 class LFM2Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, t != "conv") for t in args.layer_types]
         self.embedding_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
@@ -218,7 +217,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = LFM2Model(args)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
         return self.logits(self.model(inputs, cache))

@@ -2,10 +2,11 @@
 
 MLX's CPU ``quantized_matmul`` is a scalar loop over input rows: decode runs at ~1 ns per weight and a
 512-token prefill costs as much as 512 decode steps (about 4 tok/s for LFM2-350M in 4-bit). So on the
-CPU, a few rows go through a SIMD kernel (``lfm_mlx.cpu_kernel``), and many rows dequantize the weight
-once, as a transient float matrix freed right after its product, and hand the product to BLAS. On a GPU
-MLX's quantized kernels are fast already and are used as they are. Parameters and checkpoint keys are
-mlx's own (``weight``, ``scales``, ``biases``); only the products differ.
+CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph), and
+many rows dequantize the weight once, as a transient float matrix freed right after its product, and
+hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
+``accelerate`` swaps these products into a model's MLX quantized layers at load time; parameters and
+checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def dequantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     for i in range(0, w.shape[0], rows):
         ws, ss = w[i : i + rows], scales[i : i + rows]
         bs = None if biases is None else biases[i : i + rows]
-        if fused:
+        if fused and mx.default_device() == mx.cpu and cpu_kernel.applies(layer):
+            weight = cpu_kernel.extension().dequantize(ws, ss, bs, layer.group_size, layer.bits, stream=mx.cpu)
+        elif fused:
             weight = _affine_dequantizer(layer.bits, layer.group_size)(ws, ss, bs)
         else:
             weight = mx.dequantize(ws, ss, bs, layer.group_size, layer.bits, mode=layer.mode)
@@ -62,27 +65,33 @@ def dequantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
 
+@mx.compile
+def int8_rounded(x: mx.array) -> mx.array:
+    """``x`` as the CPU kernel's int8 arithmetic sees it: per 32 values, two int8 digits
+    d * (128 * q1 + q2), d = max|x| / 127 / 128. The many-row path rounds alike, so a row's result
+    does not depend on how many rows share its product."""
+    blocks = x.reshape(*x.shape[:-1], -1, cpu_kernel.BLOCK)
+    amax = mx.abs(blocks).max(axis=-1, keepdims=True)
+    t = blocks * mx.where(amax > 0, 127 / amax, 0)
+    q1 = mx.round(t)
+    q2 = mx.round((t - q1) * 128)
+    return ((q1 * 128 + q2) * (amax / 127 / 128)).reshape(x.shape)
+
+
 def quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
-    """``x @ W.T`` for a quantized ``layer`` by the fastest exact path on the current device."""
-    if mx.default_device() == mx.cpu:
-        if cpu_kernel.applies(x, layer) and (ys := cpu_kernel.quantized_matmul(x, layer)) is not None:
-            return ys[0]
-        if x.size >= DEQUANTIZE_MIN_ROWS * x.shape[-1]:
-            return dequantized_matmul(x, layer)
+    """``x @ W.T`` for a quantized ``layer`` by the fastest path on the current device."""
+    cpu = mx.default_device() == mx.cpu
+    if cpu and x.dtype == mx.float32 and cpu_kernel.applies(layer):
+        int8 = cpu_kernel.rounds_activations(layer)
+        if x.size <= (cpu_kernel.INT8_MAX_ROWS if int8 else cpu_kernel.MAX_ROWS) * x.shape[-1]:
+            return cpu_kernel.quantized_matmul(x, layer)
+        return dequantized_matmul(int8_rounded(x) if int8 else x, layer)
+    if cpu and x.size >= DEQUANTIZE_MIN_ROWS * x.shape[-1]:
+        return dequantized_matmul(x, layer)
     return mx.quantized_matmul(
         x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
         group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
     )
-
-
-def project(x: mx.array, *layers: nn.Module) -> list:
-    """``[layer(x) for layer in layers]``; on MLX's CPU the SIMD kernel reads ``x`` once for all of
-    them (q/k/v, gate/up), saving a round trip to MLX per extra layer."""
-    if all(isinstance(l, QuantizedLinear) and cpu_kernel.applies(x, l) for l in layers):
-        ys = cpu_kernel.quantized_matmul(x, *layers)
-        if ys is not None:
-            return [y + l["bias"] if "bias" in l else y for y, l in zip(ys, layers)]
-    return [layer(x) for layer in layers]
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -96,15 +105,11 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return quantized_matmul(x, self)
 
 
-class Linear(nn.Linear):
-    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
-        if quantize_input:
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
-
-
-class Embedding(nn.Embedding):
-    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
-        if quantize_input:
-            return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+def accelerate(model: nn.Module) -> nn.Module:
+    """Give ``model``'s MLX quantized layers the fast products above, in place: the architecture keeps
+    plain ``nn.Linear`` / ``nn.Embedding``, and the subclasses add behaviour, no state."""
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+    for _, module in model.named_modules():
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
+    return model

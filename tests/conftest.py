@@ -171,5 +171,6 @@ def tiny_4bit(tiny_checkpoint):
 
     model = lfm_mlx.load_model(tiny_checkpoint, dtype="float32")
     nn.quantize(model, group_size=64, bits=4)
+    lfm_mlx.quantized.accelerate(model)
     mx.eval(model.parameters())
     return model

@@ -53,3 +53,38 @@ def test_serve_benchmark_runs_both_servers_and_prints_every_section(tiny_checkpo
     printed = capsys.readouterr().out
     assert "one stream:" in printed and "server vs server, extract mix" in printed
     assert json.loads(out.read_text())["servers"] == json.loads(json.dumps(report["servers"]))
+
+
+def test_cpu_benchmark_measures_both_mlx_libraries_quiet_and_busy(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    report = bench.main(["cpu", "--tiny", "--budget", "2", "--agreement-tokens", "8", "--json", str(out),
+                         "--cache-dir", str(tmp_path / "cache")])
+    for lib in ("lfm_mlx", "mlx_lm"):
+        column = report["columns"][lib]
+        assert set(column) == {"prefill_32", "prefill_64", "decode_16", "decode_64", "prefill_busy_32",
+                               "decode_busy_16"}
+        assert all(v > 0 for v in column.values()), column
+    assert report["machine"]["memory_GBps"] > 0
+    assert report["profile"]["products"] > 0 and report["profile"]["step_ms"] > 0
+    assert report["int8"]["positions"] == 8 and 0 <= report["int8"]["greedy_agreement"] <= 1
+    printed = capsys.readouterr().out
+    assert "lfm_mlx/mlx_lm" in printed and "beside one busy process" in printed and "per token" in printed
+    assert json.loads(out.read_text())["columns"] == report["columns"]
+
+
+def test_cpu_benchmark_reads_llama_bench_json(tmp_path):
+    """llama.cpp's column comes from llama-bench's JSON (a stand-in binary here: building llama.cpp
+    takes minutes, and the benchmark itself runs the real one)."""
+    from lfm_mlx import bench_cpu
+
+    rows = [{"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": 400.0},
+            {"n_prompt": 0, "n_gen": 32, "n_depth": 128, "avg_ts": 50.0},
+            {"n_prompt": 0, "n_gen": 32, "n_depth": 8192, "avg_ts": 40.0}]
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho " + "'" + json.dumps(rows) + "'\n")
+    fake.chmod(0o755)
+    results = bench_cpu.llama_bench(tmp_path, tmp_path / "w.gguf", 2, (512,), (128, 8192))
+    assert results == {("prefill", 512): 400.0, ("decode", 128): 50.0, ("decode", 8192): 40.0}
+    fake.write_text("#!/bin/sh\necho boom >&2\nexit 3\n")
+    with pytest.raises(OSError, match="llama-bench failed \\(3\\): boom"):
+        bench_cpu.llama_bench(tmp_path, tmp_path / "w.gguf", 2, (512,), ())

@@ -105,10 +105,11 @@ def test_mlx_lm_convert_output_loads_in_lfm_mlx_with_mlx_lm_logits(bf16_350m, tm
     assert rel_max_diff(lfm_logits(dst), mlx_lm_logits(dst)) <= 1e-2
 
 
-def test_published_8bit_layout_loads_in_lfm_mlx(tiny_checkpoint, tmp_path):
+def test_published_8bit_layout_loads_in_lfm_mlx(tiny_checkpoint, tmp_path, monkeypatch):
     """LiquidAI's LFM2.5-350M-MLX-8bit is mlx-lm's layout: 8 bits, group size 64, conv kernels [C, K, 1]."""
     import mlx_lm
 
+    monkeypatch.setenv("LFM_MLX_INT8", "0")  # float activations: the dequantized model's exact logits
     require_shared()
     dst = tmp_path / "8bit"
     mlx_lm.convert(str(tiny_checkpoint), str(dst), quantize=True, q_bits=8, q_group_size=64)
@@ -155,7 +156,8 @@ def test_mixed_recipe_keeps_the_embedding_at_more_bits(tiny_checkpoint, tmp_path
     assert rel_max_diff(lfm_logits(tmp_path / "q"), mlx_lm_logits(tmp_path / "q")) <= 1e-2
 
 
-def test_dequantize_turns_a_quantized_directory_back_into_float_weights(tiny_checkpoint, tmp_path):
+def test_dequantize_turns_a_quantized_directory_back_into_float_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM_MLX_INT8", "0")  # float activations: the dequantized model's exact logits
     convert(tiny_checkpoint, tmp_path / "q")
     report = convert(tmp_path / "q", tmp_path / "f", dequantize=True, dtype="float32")
     config = json.loads((tmp_path / "f" / "config.json").read_text())

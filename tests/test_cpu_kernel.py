@@ -1,4 +1,5 @@
-"""The CPU fast paths give the plain path's answer: the SIMD kernel and dequantize-then-matmul prefill."""
+"""The CPU fast paths give the plain path's answer: lfm_mlx's quantized product (an MLX primitive, float
+and int8 activations) and dequantize-then-matmul prefill."""
 
 from __future__ import annotations
 
@@ -9,102 +10,144 @@ import pytest
 
 import lfm_mlx
 from conftest import GREEDY, relative_error
-from lfm_mlx import cpu_kernel, quantized
+from lfm_mlx import cpu_kernel, model as architecture, quantized
 
 
 def quantized_layer(n: int, k: int, bits: int, group_size: int, seed: int = 0) -> nn.Module:
-    layer = quantized.Linear(k, n, bias=False)
+    layer = nn.Linear(k, n, bias=False)
     layer.weight = mx.random.normal((n, k), key=mx.random.key(seed)) * 0.05
-    return layer.to_quantized(group_size, bits)
+    return quantized.accelerate(layer.to_quantized(group_size, bits))
 
 
-@pytest.fixture(autouse=True)
-def kernel_for_every_size(monkeypatch):
-    """The tiny models' layers are below the kernel's size threshold: lower it so they exercise it."""
-    monkeypatch.setattr(cpu_kernel, "MIN_WEIGHTS", 0)
+def needs_kernel():
+    if cpu_kernel.extension() is None:
+        pytest.skip("the CPU kernel cannot be built here (no compiler or CMake): "
+                    "the model uses mx.quantized_matmul, which the other tests cover")
 
 
 def use_plain_paths(monkeypatch) -> None:
     """MLX's own quantized_matmul at any number of rows."""
     monkeypatch.setattr(quantized, "DEQUANTIZE_MIN_ROWS", 1 << 30)
-    monkeypatch.setattr(cpu_kernel, "applies", lambda x, layer: False)
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", True)
 
 
-def test_quantized_layers_take_the_fast_classes(tiny_4bit):
+def int8_reference(x: np.ndarray, layer) -> np.ndarray:
+    """The int8 path's arithmetic in NumPy, exactly: x per 32 values as two int8 digits
+    (128 * q1 + q2 in steps of max|x| / 127 / 128), integer dot products with the 4/8-bit codes per
+    block, then scales and biases in float64."""
+    bits, gs = layer.bits, layer.group_size
+    codes = np.asarray(layer.weight).view(np.uint8)
+    q_w = np.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[0], -1) if bits == 4 else codes
+    scales, biases = np.asarray(layer.scales, np.float64), np.asarray(layer.biases, np.float64)
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    t = blocks * np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0))
+    q1 = np.rint(t)
+    q2 = np.rint((t - q1) * np.float32(128))
+    assert np.abs(q1).max() <= 127 and np.abs(q2).max() <= 64  # each digit fits an int8
+    q_x = (128 * q1 + q2).astype(np.int64)
+    d = (amax / np.float32(127) / np.float32(128)).astype(np.float64)[..., 0]  # (M, blocks)
+    dots = np.einsum("mbk,nbk->mnb", q_x, q_w.reshape(q_w.shape[0], -1, 32).astype(np.int64))
+    per_group = gs // 32
+    w_scale = np.repeat(scales, per_group, axis=1)  # (N, blocks)
+    w_bias = np.repeat(biases, per_group, axis=1)
+    return (dots * d[:, None, :] * w_scale[None]).sum(-1) + ((q_x.sum(-1) * d) @ w_bias.T)
+
+
+def test_the_architecture_is_plain_mlx_and_loading_swaps_in_the_fast_products(tiny_4bit):
+    plain = architecture.Model(tiny_4bit.args)
+    assert type(plain.layers[0].feed_forward.w1) is nn.Linear
+    assert type(plain.model.embed_tokens) is nn.Embedding
     assert isinstance(tiny_4bit.layers[0].feed_forward.w1, quantized.QuantizedLinear)
     assert isinstance(tiny_4bit.model.embed_tokens, quantized.QuantizedEmbedding)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64)])
-def test_cpu_kernel_equals_mlx_quantized_matmul_and_rows_are_independent(bits, group_size):
-    if cpu_kernel.library() is None:
-        pytest.skip("no C compiler here: the model uses mx.quantized_matmul, which the other tests cover")
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
+def test_float_kernel_equals_mlx_quantized_matmul_and_rows_are_independent(bits, group_size):
+    needs_kernel()
     layer = quantized_layer(320, 512, bits, group_size)
     x = mx.random.normal((16, 512), key=mx.random.key(1))
-    assert cpu_kernel.applies(x, layer)
     ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True,
                               group_size=group_size, bits=bits)
-    rows = mx.concatenate([cpu_kernel.quantized_matmul(x[i : i + 1], layer)[0] for i in range(16)])
-    for m in (1, 3, 4, 5, 16):
-        out = cpu_kernel.quantized_matmul(x[:m], layer)[0]
-        assert relative_error(out, ref[:m]) < 1e-5
-        # Bit-identical whatever the rows beside it: verification passes equal one-token steps.
-        assert mx.array_equal(out, rows[:m]).item()
+    for int8 in (False, True):
+        rows = mx.concatenate([cpu_kernel.quantized_matmul(x[i : i + 1], layer, int8) for i in range(16)])
+        for m in (1, 3, 4, 5, 16):
+            out = cpu_kernel.quantized_matmul(x[:m], layer, int8)
+            # Bit-identical whatever the rows beside it: verification passes equal one-token steps.
+            assert mx.array_equal(out, rows[:m]).item()
+        assert relative_error(rows, ref) < (1e-4 if int8 else 1e-5)
 
 
-def test_project_equals_each_layer_alone_quantized_or_not():
-    """q/k/v and gate/up share one read of x on the CPU kernel; the answer is each layer's own."""
-    x = mx.random.normal((1, 3, 256), key=mx.random.key(4))
-    biased = quantized.Linear(256, 64, bias=True)
-    biased.bias = mx.random.normal((64,), key=mx.random.key(5))
-    layers = [quantized_layer(128, 256, 4, 64), quantized_layer(64, 256, 8, 64, seed=1),
-              biased.to_quantized(64, 4)]
-    for group in (layers, [quantized.Linear(256, 32)]):
-        outs = quantized.project(x, *group)
-        assert len(outs) == len(group)
-        for out, layer in zip(outs, group):
-            assert out.shape == (1, 3, layer.weight.shape[0])
-            assert relative_error(out, layer(x)) < 1e-6
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
+def test_int8_kernel_is_exactly_the_rounded_product(bits, group_size):
+    """The SIMD integer path (VNNI / AVX2 / plain C++, whichever this machine built) against the same
+    arithmetic in NumPy; and its distance from the float product, for the record."""
+    needs_kernel()
+    layer = quantized_layer(256, 512, bits, group_size, seed=2)
+    x = mx.random.normal((5, 512), key=mx.random.key(3))
+    x[1, :32] = 0  # a block of zeros: no scale to divide by
+    x[2, 64:96] = 1e4  # one large block beside normal ones
+    out = cpu_kernel.quantized_matmul(x, layer, int8=True)
+    assert relative_error(out, int8_reference(np.asarray(x), layer)) < 1e-5
+    exact = cpu_kernel.quantized_matmul(x, layer, int8=False)
+    assert relative_error(out[3:], exact[3:]) < 1e-4
+    # The many-row path rounds the activations alike, so a row's result does not depend on its batch.
+    rounded = quantized.dequantized_matmul(quantized.int8_rounded(x), layer)
+    assert relative_error(out, rounded) < 1e-5
 
 
-def test_small_layers_stay_on_mlx_kernel(monkeypatch):
-    """Leaving MLX costs a round trip that small products do not repay (the demo model's layers)."""
-    if cpu_kernel.library() is None:
-        pytest.skip("no C compiler here: every layer uses mx.quantized_matmul")
-    monkeypatch.undo()
-    x = mx.random.normal((1, 1024))
-    assert not cpu_kernel.applies(x, quantized_layer(64, 1024, 4, 64))
-    assert cpu_kernel.applies(x, quantized_layer(256, 1024, 4, 64))
+def test_the_kernel_is_a_graph_node_compile_and_odd_shapes():
+    needs_kernel()
+    layer = quantized_layer(96, 128, 4, 64)
+    x = mx.random.normal((2, 3, 128), key=mx.random.key(8))
+    y = layer(x)
+    assert y.shape == (2, 3, 96)
+    assert relative_error(mx.compile(layer)(x), y) < 1e-6
+    # A strided (transposed) input is made contiguous first.
+    xt = mx.random.normal((128, 4), key=mx.random.key(9)).T
+    assert relative_error(layer(xt), layer(mx.array(np.asarray(xt)))) == 0
+    # K not a multiple of 64 at 4 bits: the float kernel runs instead of the int8 one.
+    odd = quantized_layer(64, 96, 4, 32)
+    assert not cpu_kernel.rounds_activations(odd)
+    x = mx.random.normal((1, 96), key=mx.random.key(10))
+    assert relative_error(odd(x), mx.quantized_matmul(x, odd.weight, odd.scales, odd.biases, transpose=True,
+                                                      group_size=32)) < 1e-5
 
 
-def test_quantized_layers_work_inside_mx_compile():
-    """Compiled code has no values to hand to the C kernel: MLX's own kernel takes over there."""
-    layer = quantized_layer(64, 128, 4, 64)
-    x = mx.random.normal((2, 128), key=mx.random.key(8))
-    assert relative_error(mx.compile(layer)(x), layer(x)) < 1e-5
-
-
-def test_without_a_compiler_the_model_uses_mlx_quantized_matmul(monkeypatch, tmp_path):
+def test_without_the_kernel_the_model_uses_mlx_quantized_matmul(monkeypatch, tmp_path, capfd):
+    """No CMake (or a failed build, or a nanobind that cannot take mlx arrays): one line, MLX's kernels."""
     monkeypatch.setenv("LFM_MLX_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "false")  # a "compiler" that always fails
-    assert cpu_kernel._build() is None
-    monkeypatch.setattr(cpu_kernel, "_library", None)
-    monkeypatch.setattr(cpu_kernel, "_tried", True)
+    monkeypatch.setattr(cpu_kernel, "_cmake", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_tried", False)
+    assert cpu_kernel.extension() is None
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cmake was not found" in err[0] and "MLX's own quantized kernels" in err[0]
     layer = quantized_layer(64, 128, 4, 64)
     x = mx.random.normal((1, 1, 128), key=mx.random.key(9))
-    assert not cpu_kernel.applies(x, layer)
+    assert not cpu_kernel.applies(layer)
     ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True)
     assert mx.array_equal(layer(x), ref).item()
+    assert cpu_kernel.extension() is None and capfd.readouterr().err == ""  # said once
+
+
+def test_a_failed_build_is_one_line_and_leaves_nothing_half_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "SOURCES", tmp_path / "missing")
+    with pytest.raises(cpu_kernel.BuildError, match="the build failed"):
+        cpu_kernel._build(tmp_path / "qmm.so")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_dequantized_matmul_equals_quantized_matmul_including_sliced_heads(monkeypatch):
+    monkeypatch.setenv("LFM_MLX_INT8", "0")  # float activations: exact
     layer = quantized_layer(1000, 256, 4, 64)
     x = mx.random.normal((2, 40, 256), key=mx.random.key(2))
     ref = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True)
     assert relative_error(quantized.dequantized_matmul(x, layer), ref) < 1e-5
     monkeypatch.setattr(quantized, "MAX_DEQUANTIZED_ELEMENTS", 256 * 300)  # 4 slices of rows
     assert relative_error(quantized.dequantized_matmul(x, layer), ref) < 1e-5
-    embedding = quantized.Embedding(1000, 256).to_quantized(64, 8)
+    embedding = quantized.accelerate(nn.Embedding(1000, 256).to_quantized(64, 8))
     ref = mx.quantized_matmul(x, embedding.weight, embedding.scales, embedding.biases, transpose=True, bits=8)
     assert relative_error(embedding.as_linear(x), ref) < 1e-5
 
@@ -129,25 +172,33 @@ def test_dequantized_matmul_at_odd_bits_is_exact_in_bounded_memory(bits, monkeyp
     assert relative_error(mx.compile(lambda a: quantized.dequantized_matmul(a, layer))(x), ref) < 1e-5
 
 
-def test_quantized_model_fast_paths_match_plain_logits(tiny_4bit, monkeypatch):
-    use_plain_paths(monkeypatch)
+@pytest.mark.parametrize("int8", ["0", "1"])
+def test_quantized_model_fast_paths_match_plain_logits(int8, tiny_4bit, monkeypatch):
     ids = mx.array(np.random.default_rng(0).integers(100, 60000, size=(1, 40)))
-    plain_full = tiny_4bit(ids)
-    cache = lfm_mlx.make_cache(tiny_4bit)
-    plain_steps = mx.concatenate([tiny_4bit(ids[:, :33], cache=cache)] +
-                                 [tiny_4bit(ids[:, i : i + 1], cache=cache) for i in range(33, 40)], axis=1)
-    monkeypatch.undo()  # the fast paths again
-    fast_full = tiny_4bit(ids)  # 40 rows: dequantize-then-matmul
-    cache = lfm_mlx.make_cache(tiny_4bit)
-    fast_steps = mx.concatenate([tiny_4bit(ids[:, :33], cache=cache)] +
-                                [tiny_4bit(ids[:, i : i + 1], cache=cache) for i in range(33, 40)], axis=1)
-    assert relative_error(fast_full, plain_full) < 1e-4
-    assert relative_error(fast_steps, plain_steps) < 1e-4
+
+    def full_and_steps():
+        cache = lfm_mlx.make_cache(tiny_4bit)
+        steps = mx.concatenate([tiny_4bit(ids[:, :33], cache=cache)] +
+                               [tiny_4bit(ids[:, i : i + 1], cache=cache) for i in range(33, 40)], axis=1)
+        return tiny_4bit(ids), steps
+
+    with monkeypatch.context() as plain:
+        use_plain_paths(plain)
+        plain_full, plain_steps = full_and_steps()
+    monkeypatch.setenv("LFM_MLX_INT8", int8)
+    fast_full, fast_steps = full_and_steps()  # 40 rows: dequantize-then-matmul; then the kernel
+    tolerance = 1e-4 if int8 == "0" else 2e-3  # int8 arithmetic: 15-bit activations
+    assert relative_error(fast_full, plain_full) < tolerance
+    assert relative_error(fast_steps, plain_steps) < tolerance
+    # Prompt rows and decode rows take different paths but the same arithmetic.
+    assert relative_error(fast_steps, fast_full) < 1e-4
     assert mx.array_equal(fast_full.argmax(-1), plain_full.argmax(-1)).item()
 
 
+@pytest.mark.parametrize("int8", ["0", "1"])
 @pytest.mark.parametrize("which", ["float", "4-bit"])
-def test_fast_paths_generate_the_plain_greedy_tokens(which, tiny, tiny_4bit, monkeypatch):
+def test_fast_paths_generate_the_plain_greedy_tokens(which, int8, tiny, tiny_4bit, monkeypatch):
+    monkeypatch.setenv("LFM_MLX_INT8", int8)
     model = tiny[0] if which == "float" else tiny_4bit
     tok = tiny[1]
     prompt = np.random.default_rng(1).integers(100, 60000, size=90).tolist()

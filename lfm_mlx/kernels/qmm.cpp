@@ -1,0 +1,577 @@
+// The quantized product y = x W^T for MLX's CPU backend, as a primitive of MLX's graph.
+//
+// MLX's CPU quantized_matmul is a scalar loop (~1 ns per weight). This primitive takes few rows of
+// float32 x (decode, batched decode, speculative verification) against affine 4- or 8-bit weights in
+// MLX's layout (w = scale * q + bias per group), with two kernels:
+//   - float activations: each weight unpacked to float, exact to float rounding (the reference);
+//   - int8 arithmetic: x rounded per 32 values to two int8 digits (15 bits, see Int8Row) and
+//     multiplied with the packed weights as integers (AVX-512 VNNI / AVX-VNNI dpbusd, AVX2 maddubs, or
+//     plain C++), as llama.cpp's q4 x q8 does with one digit:
+//     sum_g scale_g * sum_blocks d (q_w . q_x) + bias_g * sum_g d q_x.
+// Output rows are shared out among a small thread pool that sleeps instead of spinning, in chunks
+// claimed one at a time: a thread the OS takes away holds back one chunk, not a fixed share.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Threads
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // fn(i) for every i in [0, n), on the workers and the calling thread.
+  void run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (workers_.empty() || n < 2 || !busy.owns_lock()) {
+      for (int i = 0; i < n; i++) fn(i);
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->n = n;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    drain(*job);
+    if (job->finished.load() < n) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [&] { return job->finished.load() >= n; });
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    job_.reset();
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int)>* fn;
+    int n;
+    std::atomic<int> next{0}, finished{0};
+  };
+
+  Pool() {
+    int threads = static_cast<int>(std::thread::hardware_concurrency());
+    if (const char* env = std::getenv("LFM_MLX_THREADS")) threads = std::atoi(env);
+    for (int i = 1; i < std::max(threads, 1); i++) workers_.emplace_back([this] { work(); });
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void drain(Job& job) {
+    int done = 0;
+    for (int i; (i = job.next.fetch_add(1)) < job.n; done++) (*job.fn)(i);
+    if (done && job.finished.fetch_add(done) + done == job.n) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_.notify_all();
+    }
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      // Products come in bursts (a decode step is ~60 of them, microseconds apart): wait a little
+      // awake, then sleep, so an idle pool costs nothing to the other processes on the machine.
+      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+      while (generation_.load() == seen && std::chrono::steady_clock::now() < until)
+        std::this_thread::yield();
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stop_ || generation_.load() != seen; });
+        if (stop_) return;
+        seen = generation_.load();
+        job = job_;
+      }
+      if (job) drain(*job);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_, busy_;
+  std::condition_variable wake_, done_;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+};
+
+// ----------------------------------------------------------------------------------------------
+// Float activations: the exact reference.
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint8_t b8 __attribute__((vector_size(8)));
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline float sum8(f8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// Weights i .. i + 7 of a packed row (low bits first), as floats.
+template <int BITS>
+inline f8 unpack(const uint8_t* row, int i) {
+  if constexpr (BITS == 4) {
+    uint32_t word;
+    std::memcpy(&word, row + i / 2, 4);
+    const u8v shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+    return __builtin_convertvector((i8v)(((u8v){} + word >> shifts) & 15u), f8);
+  } else {
+    b8 bytes;
+    std::memcpy(&bytes, row + i, 8);
+    return __builtin_convertvector(__builtin_convertvector(bytes, i8v), f8);
+  }
+}
+
+// y[r * N] for R <= 4 rows of x against one weight row; each row's arithmetic is the same whatever
+// R is, so a row's result does not depend on the rows beside it.
+template <int BITS, int R>
+void float_rows(const float* x, const uint8_t* row, const float* scales, const float* biases,
+                const float* xsum, float* y, int N, int K, int group_size) {
+  const int G = K / group_size;
+  f8 acc[R] = {};
+  float offset[R] = {};
+  for (int g = 0; g < G; g++) {
+    f8 d0[R] = {}, d1[R] = {};  // two chains per row hide the multiply-add latency
+    for (int k = g * group_size; k < (g + 1) * group_size; k += 16) {
+      f8 q0 = unpack<BITS>(row, k), q1 = unpack<BITS>(row, k + 8);
+      for (int r = 0; r < R; r++) {
+        d0[r] += q0 * load8(x + (long)r * K + k);
+        d1[r] += q1 * load8(x + (long)r * K + k + 8);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      acc[r] += scales[g] * (d0[r] + d1[r]);
+      offset[r] += biases[g] * xsum[r * G + g];
+    }
+  }
+  for (int r = 0; r < R; r++) y[(long)r * N] = sum8(acc[r]) + offset[r];
+}
+
+// ----------------------------------------------------------------------------------------------
+// Int8 activations. A "chunk" is 32 bytes of a weight row: 64 weights at 4 bits, 32 at 8 bits. Its
+// dot product with the int8 activations comes out as 8 int32 lanes of 4 bytes each: at 4 bits, lane l
+// holds weights 8l .. 8l + 7 of the chunk (the low nibbles of bytes 4l .. 4l + 3 against the even
+// activations, the high nibbles against the odd ones), at 8 bits weights 4l .. 4l + 3.
+
+constexpr int BLOCK = 32;  // activations per int8 scale, as llama.cpp's q8_0
+
+template <int BITS>
+inline i8v dot_chunk(const uint8_t* w, const int8_t* xa, const int8_t* xb) {
+#if defined(__AVX2__)
+  __m256i bytes = _mm256_loadu_si256((const __m256i*)w), lo, hi = _mm256_setzero_si256();
+  const __m256i a = _mm256_loadu_si256((const __m256i*)xa);
+  __m256i b = a;
+  if constexpr (BITS == 4) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    lo = _mm256_and_si256(bytes, mask);
+    hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    b = _mm256_loadu_si256((const __m256i*)xb);
+  } else {
+    lo = bytes;
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  __m256i acc = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a);
+  if constexpr (BITS == 4) acc = _mm256_dpbusd_epi32(acc, hi, b);
+#elif defined(__AVXVNNI__)
+  __m256i acc = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, a);
+  if constexpr (BITS == 4) acc = _mm256_dpbusd_avx_epi32(acc, hi, b);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc;
+  if constexpr (BITS == 4) {  // 4-bit products fit 16 bits: add the two halves before widening
+    acc = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, a), _mm256_maddubs_epi16(hi, b)), ones);
+  } else {  // 255 * 127 * 2 overflows int16: split each byte into its nibbles
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m256i l4 = _mm256_and_si256(lo, mask), h4 = _mm256_and_si256(_mm256_srli_epi16(lo, 4), mask);
+    __m256i low = _mm256_madd_epi16(_mm256_maddubs_epi16(l4, a), ones);
+    __m256i high = _mm256_madd_epi16(_mm256_maddubs_epi16(h4, a), ones);
+    acc = _mm256_add_epi32(low, _mm256_slli_epi32(high, 4));
+  }
+#endif
+  i8v out;
+  std::memcpy(&out, &acc, sizeof out);
+  return out;
+#else
+  i8v out = {};
+  for (int l = 0; l < 8; l++) {
+    int32_t s = 0;
+    for (int j = 4 * l; j < 4 * l + 4; j++) {
+      if constexpr (BITS == 4) {
+        s += (w[j] & 15) * xa[j] + (w[j] >> 4) * xb[j];
+      } else {
+        s += w[j] * xa[j];
+      }
+    }
+    out[l] = s;
+  }
+  return out;
+#endif
+}
+
+// One row of x, ready for the int8 kernel: each value as two int8 digits of its 32-value block,
+// x ~ d * (128 * q1 + q2) with d = max|x| / 127 / 128, q1 = round(x / (128 d)) and q2 the rounded
+// rest in 128ths (|q2| <= 64). Each digit is one VNNI product; together they carry 15 bits, so the
+// result is within float rounding of the exact product (one int8 digit alone changed the greedy
+// token at 12% of positions of a random-weight 350M model).
+struct Int8Row {
+  std::vector<int8_t> a[2], b[2];  // per digit; 4 bits: even / odd activations; 8 bits: all in a
+  std::vector<float> lanes;        // each lane's d, lane by lane as dot_chunk lays them out
+  std::vector<float> xsum;         // sum of the rounded x per weight group, for the bias term
+};
+
+template <int BITS>
+Int8Row quantize_row(const float* x, int K, int group_size) {
+  Int8Row row;
+  std::vector<int8_t> q[2] = {std::vector<int8_t>(K), std::vector<int8_t>(K)};
+  const int lane_weights = BITS == 4 ? 8 : 4;
+  row.lanes.resize(K / lane_weights);
+  row.xsum.assign(K / group_size, 0.f);
+  for (int k0 = 0; k0 < K; k0 += BLOCK) {
+    float amax = 0;
+    for (int k = k0; k < k0 + BLOCK; k++) amax = std::max(amax, std::fabs(x[k]));
+    const float inv = amax > 0 ? 127 / amax : 0, d = amax / 127 / 128;
+    int32_t sum = 0;
+    for (int k = k0; k < k0 + BLOCK; k++) {
+      const float t = x[k] * inv, q1 = std::nearbyint(t), q2 = std::nearbyint((t - q1) * 128);
+      q[0][k] = static_cast<int8_t>(q1);
+      q[1][k] = static_cast<int8_t>(q2);
+      sum += 128 * q[0][k] + q[1][k];
+    }
+    for (int k = k0; k < k0 + BLOCK; k += lane_weights) row.lanes[k / lane_weights] = d;
+    // The bias term's sum is over the rounded activations too: the product is exactly that of the
+    // rounded x with the dequantized weight, as the many-row path (lfm_mlx.quantized) computes it.
+    row.xsum[k0 / group_size] += d * sum;
+  }
+  for (int digit = 0; digit < 2; digit++) {
+    if constexpr (BITS == 4) {
+      row.a[digit].resize(K / 2);
+      row.b[digit].resize(K / 2);
+      for (int j = 0; j < K / 2; j++) row.a[digit][j] = q[digit][2 * j], row.b[digit][j] = q[digit][2 * j + 1];
+    } else {
+      row.a[digit] = std::move(q[digit]);
+    }
+  }
+  return row;
+}
+
+template <int BITS, int R>
+void int8_rows(const Int8Row* xs, const uint8_t* row, const float* scales, const float* biases,
+               float* y, int N, int K, int group_size) {
+  constexpr int chunk_weights = BITS == 4 ? 64 : 32, lane_weights = chunk_weights / 8;
+  const int G = K / group_size, chunks = K / chunk_weights;
+  int c = 0;
+  float total[R] = {};
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // Two chunks (64 bytes) per step in 512-bit registers: half the instructions.
+  {
+    const int pair_groups = std::max(1, 2 * chunk_weights / group_size);
+    const __mmask16 mask = (1 << pair_groups) - 1;
+    alignas(64) int32_t lane_group[16];
+    for (int l = 0; l < 16; l++) lane_group[l] = pair_groups > 1 ? l * lane_weights / group_size : 0;
+    const __m512i groups = _mm512_load_si512(lane_group), nibble = _mm512_set1_epi8(15);
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (; c + 2 <= chunks; c += 2) {
+      const __m512 scale = _mm512_permutexvar_ps(
+          groups, _mm512_maskz_loadu_ps(mask, scales + c * chunk_weights / group_size));
+      const __m512i bytes = _mm512_loadu_si512(row + c * 32);
+      const __m512i lo = BITS == 4 ? _mm512_and_si512(bytes, nibble) : bytes;
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+      for (int r = 0; r < R; r++) {
+        __m512i digit[2];
+        for (int i = 0; i < 2; i++) {
+          digit[i] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xs[r].a[i].data() + c * 32));
+          if constexpr (BITS == 4)
+            digit[i] = _mm512_dpbusd_epi32(digit[i], hi, _mm512_loadu_si512(xs[r].b[i].data() + c * 32));
+        }
+        const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(digit[0], 7), digit[1]);
+        const __m512 lanes = _mm512_mul_ps(scale, _mm512_loadu_ps(xs[r].lanes.data() + c * 8));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), lanes, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) total[r] = _mm512_reduce_add_ps(acc[r]);
+  }
+#endif
+  f8 acc[R] = {};
+  for (; c < chunks; c++) {
+    const int first = c * chunk_weights;
+    f8 scale;  // each lane's weight scale
+    if (group_size >= chunk_weights) {
+      scale = f8{} + scales[first / group_size];
+    } else {  // 4 bits, groups of 32: two groups per chunk
+      const float s0 = scales[first / group_size], s1 = scales[first / group_size + 1];
+      scale = f8{s0, s0, s0, s0, s1, s1, s1, s1};
+    }
+    const uint8_t* w = row + c * 32;
+    for (int r = 0; r < R; r++) {
+      const int8_t* b0 = BITS == 4 ? xs[r].b[0].data() + c * 32 : nullptr;
+      const int8_t* b1 = BITS == 4 ? xs[r].b[1].data() + c * 32 : nullptr;
+      i8v dot = (dot_chunk<BITS>(w, xs[r].a[0].data() + c * 32, b0) << 7) + dot_chunk<BITS>(w, xs[r].a[1].data() + c * 32, b1);
+      acc[r] += __builtin_convertvector(dot, f8) * (scale * load8(xs[r].lanes.data() + c * 8));
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float offset = 0;
+    for (int g = 0; g < G; g++) offset += biases[g] * xs[r].xsum[g];
+    y[(long)r * N] = (total[r] + sum8(acc[r])) + offset;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The product over all rows, shared among threads.
+
+template <int BITS>
+void qmm(const float* x, const uint8_t* w, const float* scales, const float* biases, float* y, int M,
+         int N, int K, int group_size, bool int8) {
+  const int G = K / group_size;
+  const long row_bytes = (long)K * BITS / 8;
+  std::vector<float> xsum;
+  std::vector<Int8Row> xq;
+  if (int8) {
+    for (int m = 0; m < M; m++) xq.push_back(quantize_row<BITS>(x + (long)m * K, K, group_size));
+  } else {
+    xsum.assign((size_t)M * G, 0.f);
+    for (int m = 0; m < M; m++)
+      for (int g = 0; g < G; g++) {
+        f8 t = {};
+        for (int k = 0; k < group_size; k += 8) t += load8(x + (long)m * K + g * group_size + k);
+        xsum[m * G + g] = sum8(t);
+      }
+  }
+  // Weight rows [n0, n1) against every row of x, four x rows at a time: the weight rows stay in
+  // cache while x streams past them once.
+  auto weight_rows = [&](int n0, int n1) {
+    for (int m = 0; m < M; m += 4) {
+      const int r = std::min(M - m, 4);
+      for (int n = n0; n < n1; n++) {
+        const uint8_t* row = w + n * row_bytes;
+        const float *s = scales + (long)n * G, *b = biases + (long)n * G;
+        float* ym = y + (long)m * N + n;
+#define ROWS(R)                                                                               \
+  int8 ? int8_rows<BITS, R>(xq.data() + m, row, s, b, ym, N, K, group_size)                   \
+       : float_rows<BITS, R>(x + (long)m * K, row, s, b, xsum.data() + m * G, ym, N, K, group_size)
+        switch (r) {
+          case 1: ROWS(1); break;
+          case 2: ROWS(2); break;
+          case 3: ROWS(3); break;
+          default: ROWS(4);
+        }
+#undef ROWS
+      }
+    }
+  };
+  Pool& pool = Pool::get();
+  // Chunks of rows: enough of them that a late thread's last one is a small part of the product.
+  const long work = (long)N * K * ((M + 3) / 4);
+  if (pool.size() == 1 || work < (1L << 18)) {
+    weight_rows(0, N);
+    return;
+  }
+  const int chunk = std::max(8, N / (pool.size() * 16));
+  pool.run((N + chunk - 1) / chunk, [&](int i) { weight_rows(i * chunk, std::min(N, (i + 1) * chunk)); });
+}
+
+// ----------------------------------------------------------------------------------------------
+// The primitive.
+
+class QuantizedMatmul : public mx::Primitive {
+ public:
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool int8)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), int8_(int8) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    const int M = x.shape(0), K = x.shape(1), N = w.shape(0);
+    encoder.dispatch([x = x.data<float>(), w = w.data<uint8_t>(), s = scales.data<float>(),
+                      b = biases.data<float>(), y = out.data<float>(), M, N, K,
+                      group_size = group_size_, bits = bits_, int8 = int8_]() {
+      if (bits == 4) {
+        qmm<4>(x, w, s, b, y, M, N, K, group_size, int8);
+      } else {
+        qmm<8>(x, w, s, b, y, M, N, K, group_size, int8);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("lfm_mlx's quantized_matmul runs on the CPU only; use mx.quantized_matmul on a GPU");
+  }
+
+  const char* name() const override { return "LfmQuantizedMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatmul&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && int8_ == o.int8_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  }
+
+ private:
+  int group_size_, bits_;
+  bool int8_;
+};
+
+// The weight as float32 (w = scale * q + bias), for the many-row path's BLAS product: MLX's own
+// dequantization is several times slower on the CPU and would cost as much as the product itself.
+class Dequantize : public mx::Primitive {
+ public:
+  Dequantize(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto &w = inputs[0], &scales = inputs[1], &biases = inputs[2];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    const int N = out.shape(0), K = out.shape(1);
+    encoder.dispatch([w = w.data<uint8_t>(), s = scales.data<float>(), b = biases.data<float>(),
+                      y = out.data<float>(), N, K, group_size = group_size_, bits = bits_]() {
+      const int G = K / group_size, chunk = std::max(1, (1 << 16) / K);
+      Pool::get().run((N + chunk - 1) / chunk, [&](int i) {
+        for (int n = i * chunk; n < std::min(N, (i + 1) * chunk); n++) {
+          const uint8_t* row = w + (long)n * K * bits / 8;
+          float* out_row = y + (long)n * K;
+          for (int k = 0; k < K; k += 8) {
+            const float scale = s[(long)n * G + k / group_size], bias = b[(long)n * G + k / group_size];
+            f8 v = (bits == 4 ? unpack<4>(row, k) : unpack<8>(row, k)) * scale + bias;
+            std::memcpy(out_row + k, &v, sizeof v);
+          }
+        }
+      });
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("lfm_mlx's dequantize runs on the CPU only; use mx.dequantize on a GPU");
+  }
+
+  const char* name() const override { return "LfmDequantize"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Dequantize&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[0].shape(1) * 32 / bits_}};
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+void check_weights(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+                   int bits, int K) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
+  if (scales.dtype() != mx::float32 || biases.dtype() != mx::float32 || w.dtype() != mx::uint32)
+    throw std::invalid_argument("float32 scales and biases and uint32 weights only");
+  if (w.ndim() != 2 || K != w.shape(1) * 32 / bits || group_size % 16 != 0 || K % group_size != 0 ||
+      scales.shape() != mx::Shape{w.shape(0), K / group_size} || biases.shape() != scales.shape())
+    throw std::invalid_argument("the shapes of w, scales and biases do not agree");
+}
+
+mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+                     int bits, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("dequantize: CPU streams only");
+  const int K = w.ndim() == 2 ? w.shape(1) * 32 / bits : 0;
+  check_weights(w, scales, biases, group_size, bits, K);
+  return mx::array({w.shape(0), K}, mx::float32, std::make_shared<Dequantize>(stream, group_size, bits),
+                   {mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
+                    mx::contiguous(biases, false, stream)});
+}
+
+bool int8_supported(int bits, int K, int group_size) {
+  return (group_size == 32 || group_size == 64 || group_size == 128) && K % (bits == 4 ? 64 : 32) == 0;
+}
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, bool int8_activations,
+                           mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("quantized_matmul: CPU streams only");
+  if (x.dtype() != mx::float32 || x.ndim() < 1) throw std::invalid_argument("quantized_matmul: float32 x only");
+  const int K = x.shape(-1), N = w.ndim() == 2 ? w.shape(0) : 0;
+  check_weights(w, scales, biases, group_size, bits, K);
+  const int M = static_cast<int>(x.size() / std::max(K, 1));
+  auto out_shape = x.shape();
+  out_shape.back() = N;
+  auto x2 = mx::contiguous(mx::reshape(x, {M, K}, stream), false, stream);
+  auto out = mx::array(
+      {M, N}, mx::float32,
+      std::make_shared<QuantizedMatmul>(stream, group_size, bits, int8_activations && int8_supported(bits, K, group_size)),
+      {x2, mx::contiguous(w, false, stream), mx::contiguous(scales, false, stream),
+       mx::contiguous(biases, false, stream)});
+  return mx::reshape(out, out_shape, stream);
+}
+
+}  // namespace
+
+NB_MODULE(_qmm, m) {
+  m.doc() = "lfm_mlx's quantized product for MLX's CPU backend";
+  m.def("quantized_matmul", &quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, "int8_activations"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w, scales, biases).T for float32 x and affine 4/8-bit w, on the CPU.");
+  m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "The float32 weight of affine 4/8-bit w, on the CPU.");
+  m.def("int8_supported", &int8_supported, "bits"_a, "K"_a, "group_size"_a,
+        "Whether int8 activations apply to this shape (else the float kernel runs).");
+  m.def("threads", [] { return Pool::get().size(); }, "Threads that share each product.");
+}
