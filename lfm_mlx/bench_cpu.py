@@ -6,7 +6,7 @@
 The same random weights in the LFM2-350M shape (bf16, written by transformers) for all three:
 lfm_mlx and mlx-lm load them 4-bit (mlx-lm's quantizer, group 64, float32 compute for both), llama.cpp
 as Q4_0. llama.cpp is built from the ``llama-cpp-python`` source distribution's vendored copy (``pip
-download --no-binary :all: --no-deps llama-cpp-python``; CMake targets ``llama-bench`` and
+download --no-binary llama-cpp-python --no-deps llama-cpp-python``; CMake targets ``llama-bench`` and
 ``llama-quantize``; weights converted with its ``convert_hf_to_gguf.py``), cached under
 ``--cache-dir``; when it cannot be built the column is skipped with the reason. Its AMX path is left
 out on x86-64 (it crashed in this VM, and neither MLX nor lfm_mlx uses AMX).
@@ -83,8 +83,9 @@ def build_llama_cpp(cache: Path) -> Path:
     if shutil.which("cmake") is None:
         raise OSError("cmake was not found")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-                        "llama-cpp-python", "-d", tmp], check=True, capture_output=True)
+        # The source distribution only (":all:" would also build its build tools, CMake itself, from source).
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", "llama-cpp-python",
+                        "--no-deps", "llama-cpp-python", "-d", tmp], check=True, capture_output=True)
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
@@ -99,7 +100,7 @@ def build_llama_cpp(cache: Path) -> Path:
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"],
         ["cmake", "--build", str(root / "build"), "-j", "--target", "llama-bench", "llama-quantize"],
     ):
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
         if done.returncode != 0:
             raise OSError(f"{' '.join(command[:2])} failed: {(done.stderr or done.stdout).strip()[-300:]}")
     return bin_dir
@@ -117,7 +118,7 @@ def q4_0_weights(bin_dir: Path, source: Path, cache: Path) -> Path:
         [sys.executable, str(root / "convert_hf_to_gguf.py"), str(source), "--outfile", str(f16), "--outtype", "f16"],
         [str(bin_dir / "llama-quantize"), str(f16), str(out) + ".tmp", "Q4_0"],
     ):
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", env=env)
         if done.returncode != 0:
             raise OSError(f"{Path(command[1]).name} failed: {(done.stderr or done.stdout).strip()[-300:]}")
     os.replace(str(out) + ".tmp", out)
@@ -135,7 +136,7 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompts=(), depths=(), 
         runs.append(["-p", "0", "-n", str(tokens), "-d", ",".join(map(str, depths))])
     for extra in runs:
         command = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "2", "-o", "json", *extra]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace")
         if done.returncode != 0:
             raise OSError(f"llama-bench failed ({done.returncode}): {done.stderr.strip()[-300:]}")
         for row in json.loads(done.stdout):

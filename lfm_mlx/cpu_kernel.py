@@ -105,8 +105,11 @@ def _build(target: Path) -> None:
                 break
             shutil.rmtree(tmp + "/build", ignore_errors=True)
         else:
-            last = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:]
-            raise BuildError(f"the build failed ({last[0].strip()[:200] if last else 'no output'})")
+            kept = target.parent / "qmm-build.log"
+            shutil.copy(log, kept)
+            errors = [l for l in log.read_text(errors="replace").splitlines()
+                      if "error:" in l or l.startswith("CMake Error")] or ["no error line"]
+            raise BuildError(f"the build failed: {errors[0].strip()[:200]} (full log: {kept})")
         built = next(Path(tmp, "build").glob("_qmm*" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")))
         os.replace(built, target)  # atomic: concurrent builders never see half a library
 

@@ -233,7 +233,6 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
         mode=quantization.get("mode", "affine"),
         class_predicate=predicate,
     )
-    accelerate(model)
 
 
 def load_model(
@@ -267,7 +266,7 @@ def load_model(
             warnings.warn(f"{describe_tensors(bad)} of {model_path} holds NaN or inf values: outputs that use it "
                           "will be NaN; download or convert the checkpoint again", RuntimeWarning, stacklevel=2)
     model.eval()
-    return model
+    return accelerate(model)
 
 
 def load(

@@ -2,8 +2,8 @@
 
 Layout and key names follow the Hugging Face checkpoints (``model.layers.N.conv.in_proj`` …), so
 weights load without renaming; ``sanitize`` is the one place where checkpoint layout is adapted.
-Layers are mlx's own (``nn.Linear``, ``nn.Embedding``); loading swaps fast CPU products into their
-quantized forms (``lfm_mlx.quantized.accelerate``).
+Layers are mlx's own (``nn.Linear``, ``nn.Embedding``, ``nn.SiLU``); loading swaps fast CPU products
+into their quantized forms, and a fast activation (``lfm_mlx.quantized.accelerate``).
 """
 
 from __future__ import annotations
@@ -164,10 +164,11 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(dim, ff_dim, bias=False)
         self.w3 = nn.Linear(dim, ff_dim, bias=False)
         self.w2 = nn.Linear(ff_dim, dim, bias=False)
+        self.act = nn.SiLU()
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = self.w1(x), self.w3(x)
-        return self.w2(nn.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

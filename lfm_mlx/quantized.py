@@ -5,8 +5,8 @@ MLX's CPU ``quantized_matmul`` is a scalar loop over input rows: decode runs at 
 CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph), and
 many rows dequantize the weight once, as a transient float matrix freed right after its product, and
 hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
-``accelerate`` swaps these products into a model's MLX quantized layers at load time; parameters and
-checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
+``accelerate`` swaps these products (and a vectorized SiLU) into a model's MLX layers at load time;
+parameters and checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
 """
 
 from __future__ import annotations
@@ -105,10 +105,20 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return quantized_matmul(x, self)
 
 
+class SiLU(nn.SiLU):
+    """On the CPU, the extension's vectorized SiLU: MLX's CPU exp is a scalar loop, ~35 ms for one
+    512-token MLP activation of LFM2-350M (a fifth of the prefill), against ~1 ms."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if mx.default_device() == mx.cpu and x.dtype == mx.float32 and cpu_kernel.extension() is not None:
+            return cpu_kernel.extension().silu(x, stream=mx.cpu)
+        return super().__call__(x)
+
+
 def accelerate(model: nn.Module) -> nn.Module:
-    """Give ``model``'s MLX quantized layers the fast products above, in place: the architecture keeps
-    plain ``nn.Linear`` / ``nn.Embedding``, and the subclasses add behaviour, no state."""
-    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+    """Give ``model``'s MLX layers the fast CPU paths above, in place: the architecture keeps plain
+    ``nn.Linear`` / ``nn.Embedding`` / ``nn.SiLU``, and the subclasses add behaviour, no state."""
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding, nn.SiLU: SiLU}
     for _, module in model.named_modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]

@@ -61,6 +61,22 @@ def test_the_architecture_is_plain_mlx_and_loading_swaps_in_the_fast_products(ti
     assert type(plain.model.embed_tokens) is nn.Embedding
     assert isinstance(tiny_4bit.layers[0].feed_forward.w1, quantized.QuantizedLinear)
     assert isinstance(tiny_4bit.model.embed_tokens, quantized.QuantizedEmbedding)
+    assert type(plain.layers[0].feed_forward.act) is nn.SiLU
+    assert isinstance(tiny_4bit.layers[0].feed_forward.act, quantized.SiLU)
+
+
+def test_vectorized_silu_is_as_exact_as_mlx_and_keeps_nan_and_extremes():
+    needs_kernel()
+    x = mx.concatenate([mx.random.normal((3001,), key=mx.random.key(4)) * 6,
+                        mx.array([-3e38, -200.0, -87.5, -1e-8, 0.0, 1e-8, 88.5, 200.0, 3e38])])
+    exact = np.asarray(x, np.float64) / (1 + np.exp(-np.asarray(x, np.float64).clip(-700, 700)))
+    ours = np.asarray(quantized.SiLU()(x), np.float64)
+    tiny = np.abs(exact) < 1e-30  # far below zero: both are 0 to float precision
+    assert np.all(np.abs(ours[tiny]) < 1e-30)
+    assert (np.abs(ours - exact)[~tiny] / np.abs(exact[~tiny])).max() < 1e-6
+    assert np.isnan(np.asarray(quantized.SiLU()(mx.array([np.nan])))).all()
+    strided = mx.random.normal((64, 48), key=mx.random.key(5)).T  # a transposed view
+    assert relative_error(quantized.SiLU()(strided), nn.silu(strided)) < 1e-6
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
@@ -134,9 +150,9 @@ def test_without_the_kernel_the_model_uses_mlx_quantized_matmul(monkeypatch, tmp
 
 def test_a_failed_build_is_one_line_and_leaves_nothing_half_built(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "SOURCES", tmp_path / "missing")
-    with pytest.raises(cpu_kernel.BuildError, match="the build failed"):
+    with pytest.raises(cpu_kernel.BuildError, match="the build failed: .*qmm-build.log"):
         cpu_kernel._build(tmp_path / "qmm.so")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["qmm-build.log"]  # the log, and no library
 
 
 def test_dequantized_matmul_equals_quantized_matmul_including_sliced_heads(monkeypatch):
