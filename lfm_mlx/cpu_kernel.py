@@ -84,10 +84,8 @@ def _cmake() -> Optional[str]:
 
 def _build(target: Path) -> None:
     """Configure and build the extension with CMake into ``target`` (atomically)."""
-    try:
-        import nanobind  # noqa: F401  (its CMake files)
-    except ImportError as e:
-        raise BuildError("nanobind is not installed (pip install -r requirements.txt)") from e
+    if importlib.util.find_spec("nanobind") is None:  # its CMake files
+        raise BuildError("nanobind is not installed (pip install -r requirements.txt)")
     cmake = _cmake()
     if cmake is None:
         raise BuildError("cmake was not found (pip install cmake, or your system's package)")
