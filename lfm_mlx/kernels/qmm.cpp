@@ -1,8 +1,9 @@
 // The quantized product y = x W^T for MLX's CPU backend, as a primitive of MLX's graph.
 //
-// MLX's CPU quantized_matmul is a scalar loop (~1 ns per weight). This primitive takes few rows of
-// float32 x (decode, batched decode, speculative verification) against affine 4- or 8-bit weights in
-// MLX's layout (w = scale * q + bias per group), with two kernels:
+// MLX's CPU quantized_matmul is a scalar loop (~1 ns per weight). This primitive takes rows of float32
+// x (decode, batched decode, speculative verification, short prompt chunks: lfm_mlx.quantized sends up
+// to 128) against affine 4- or 8-bit weights in MLX's layout (w = scale * q + bias per group), with two
+// kernels:
 //   - float activations: each weight unpacked to float, exact to float rounding (the reference);
 //   - int8 arithmetic: x rounded per 32 values to two int8 digits (15 bits, see Int8Row) and
 //     multiplied with the packed weights as integers (AVX-512 VNNI / AVX-VNNI dpbusd, AVX2 maddubs, or
