@@ -223,3 +223,15 @@ def test_fast_paths_generate_the_plain_greedy_tokens(which, int8, tiny, tiny_4bi
     use_plain_paths(monkeypatch)
     plain = [r.token for r in lfm_mlx.stream_generate(model, tok, prompt, **opts)]
     assert fast == plain
+
+
+def test_the_extension_refuses_what_it_cannot_multiply_in_one_line():
+    needs_kernel()
+    ext = cpu_kernel.extension()
+    w, s, b = mx.quantize(mx.ones((8, 64)), 64, 4)
+    with pytest.raises(ValueError, match="inputs of width 32 against w 64 wide"):
+        ext.quantized_matmul(mx.ones((1, 32)), w, s, b, 64, 4, True, stream=mx.cpu)
+    with pytest.raises(ValueError, match="float32 x only"):
+        ext.quantized_matmul(mx.ones((1, 64), dtype=mx.float16), w, s, b, 64, 4, True, stream=mx.cpu)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        ext.dequantize(w, s, b, 64, 3, stream=mx.cpu)

@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -615,7 +616,9 @@ void check_weights(const mx::array& w, const mx::array& scales, const mx::array&
     throw std::invalid_argument("float32 scales and biases and uint32 weights only");
   if (w.ndim() != 2 || K != w.shape(1) * 32 / bits || group_size % 16 != 0 || K % group_size != 0 ||
       scales.shape() != mx::Shape{w.shape(0), K / group_size} || biases.shape() != scales.shape())
-    throw std::invalid_argument("the shapes of w, scales and biases do not agree");
+    throw std::invalid_argument("the shapes do not agree: inputs of width " + std::to_string(K) +
+                                " against w " + std::to_string(w.ndim() == 2 ? w.shape(1) * 32 / bits : 0) +
+                                " wide, group size " + std::to_string(group_size) + ", and its scales and biases");
 }
 
 mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
