@@ -4,15 +4,16 @@ MLX's CPU ``quantized_matmul`` is a scalar loop whose running sum is one long de
 1 ns per weight, so 4-bit LFM2-350M decodes at ~2.5 tok/s, far under what memory bandwidth allows.
 ``lfm_mlx/kernels/qmm.cpp`` is an MLX extension (a ``Primitive`` with ``eval_cpu``, MLX's "custom
 extensions" layout) with two kernels for few rows of float32 input against affine 4/8-bit weights:
-float activations (exact to float rounding, the reference) and int8 activations (quantized per 32
+float activations (exact to float rounding, the reference) and int8 activations (quantized per 64
 values and multiplied as integers: AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, plain C++ elsewhere,
-~2-3x faster). Since it is a graph node, a decode step is one evaluation and can be compiled.
+~2-3x faster; on Intel AMX, 16 rows by 16 weight rows per tile instruction, for any number of rows). Since it is a graph node, a decode step is one evaluation and can be compiled.
 
 It is built with CMake on first use against the installed ``mlx`` and ``nanobind`` and cached in
 ``~/.cache/lfm_mlx`` (or ``$LFM_MLX_CACHE``), keyed by the sources, the versions and the CPU. Without a
 compiler or CMake, or when the build fails, one line says so and MLX's own kernels are used; on a GPU
 they always are. ``LFM_MLX_CPU_KERNEL=0`` turns the extension off, ``LFM_MLX_INT8=0`` keeps float
-activations, ``LFM_MLX_THREADS=N`` sets the threads that share a product (default: every core).
+activations, ``LFM_MLX_AMX=0`` keeps AMX's tiles off, ``LFM_MLX_THREADS=N`` sets the threads that share
+a product (default: every core).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ SOURCES = Path(__file__).parent / "kernels"
 # activations, and for int8 ones (measured on a 2-core AVX-512 VNNI machine: equal at 128 rows).
 MAX_ROWS = 32
 INT8_MAX_ROWS = 128
-# Activations per int8 scale (as llama.cpp's q8_0), as in qmm.cpp.
-BLOCK = 32
+# Activations per int8 scale, as in qmm.cpp (one row of an AMX tile).
+BLOCK = 64
 _module: Optional[ModuleType] = None
 _tried = False
 
@@ -177,6 +178,12 @@ def rounds_activations(layer) -> bool:
     on (the default) and a shape its int8 path takes (else its float path runs)."""
     K = layer["weight"].shape[-1] * 32 // layer.bits
     return int8_activations() and applies(layer) and extension().int8_supported(layer.bits, K, layer.group_size)
+
+
+def amx() -> bool:
+    """Whether int8 products run on Intel AMX tiles (x86-64 CPUs that have them, Linux; ``LFM_MLX_AMX=0``
+    turns them off): then every product, a prompt's too, goes through the kernel."""
+    return int8_activations() and extension() is not None and extension().amx()
 
 
 def quantized_matmul(x: mx.array, layer, int8: Optional[bool] = None) -> mx.array:

@@ -2,8 +2,8 @@
 
 MLX's CPU ``quantized_matmul`` is a scalar loop over input rows: decode runs at ~1 ns per weight and a
 512-token prefill costs as much as 512 decode steps (about 4 tok/s for LFM2-350M in 4-bit). So on the
-CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph), and
-many rows dequantize the weight once, as a transient float matrix freed right after its product, and
+CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph; on
+CPUs with Intel AMX, all rows do), and many rows dequantize the weight once, as a transient float matrix freed right after its product, and
 hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
 ``accelerate`` swaps these products (and a vectorized SiLU) into a model's MLX layers at load time;
 parameters and checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
@@ -67,7 +67,7 @@ def dequantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
 
 @mx.compile
 def int8_rounded(x: mx.array) -> mx.array:
-    """``x`` as the CPU kernel's int8 arithmetic sees it: per 32 values, two int8 digits
+    """``x`` as the CPU kernel's int8 arithmetic sees it: per 64 values, two int8 digits
     d * (128 * q1 + q2), d = max|x| / 127 / 128. The many-row path rounds alike, so a row's result
     does not depend on how many rows share its product."""
     blocks = x.reshape(*x.shape[:-1], -1, cpu_kernel.BLOCK)
@@ -83,7 +83,8 @@ def quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     cpu = mx.default_device() == mx.cpu
     if cpu and x.dtype == mx.float32 and cpu_kernel.applies(layer):
         int8 = cpu_kernel.rounds_activations(layer)
-        if x.size <= (cpu_kernel.INT8_MAX_ROWS if int8 else cpu_kernel.MAX_ROWS) * x.shape[-1]:
+        if x.size <= (cpu_kernel.INT8_MAX_ROWS if int8 else cpu_kernel.MAX_ROWS) * x.shape[-1] or \
+                (int8 and cpu_kernel.amx()):
             return cpu_kernel.quantized_matmul(x, layer)
         return dequantized_matmul(int8_rounded(x) if int8 else x, layer)
     if cpu and x.size >= DEQUANTIZE_MIN_ROWS * x.shape[-1]:

@@ -33,14 +33,14 @@ def use_plain_paths(monkeypatch) -> None:
 
 
 def int8_reference(x: np.ndarray, layer) -> np.ndarray:
-    """The int8 path's arithmetic in NumPy, exactly: x per 32 values as two int8 digits
+    """The int8 path's arithmetic in NumPy, exactly: x per 64 values as two int8 digits
     (128 * q1 + q2 in steps of max|x| / 127 / 128), integer dot products with the 4/8-bit codes per
     block, then scales and biases in float64."""
     bits, gs = layer.bits, layer.group_size
     codes = np.asarray(layer.weight).view(np.uint8)
     q_w = np.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[0], -1) if bits == 4 else codes
     scales, biases = np.asarray(layer.scales, np.float64), np.asarray(layer.biases, np.float64)
-    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    blocks = x.reshape(x.shape[0], -1, cpu_kernel.BLOCK).astype(np.float32)
     amax = np.abs(blocks).max(-1, keepdims=True)
     t = blocks * np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0))
     q1 = np.rint(t)
@@ -48,11 +48,13 @@ def int8_reference(x: np.ndarray, layer) -> np.ndarray:
     assert np.abs(q1).max() <= 127 and np.abs(q2).max() <= 64  # each digit fits an int8
     q_x = (128 * q1 + q2).astype(np.int64)
     d = (amax / np.float32(127) / np.float32(128)).astype(np.float64)[..., 0]  # (M, blocks)
-    dots = np.einsum("mbk,nbk->mnb", q_x, q_w.reshape(q_w.shape[0], -1, 32).astype(np.int64))
-    per_group = gs // 32
-    w_scale = np.repeat(scales, per_group, axis=1)  # (N, blocks)
-    w_bias = np.repeat(biases, per_group, axis=1)
-    return (dots * d[:, None, :] * w_scale[None]).sum(-1) + ((q_x.sum(-1) * d) @ w_bias.T)
+    # Per stretch of 32 (a block and a group both hold whole stretches): integer dots, then floats.
+    stretch_d = np.repeat(d, cpu_kernel.BLOCK // 32, axis=1)  # (M, K / 32)
+    q_x = q_x.reshape(q_x.shape[0], -1, 32)
+    dots = np.einsum("msk,nsk->mns", q_x, q_w.reshape(q_w.shape[0], -1, 32).astype(np.int64))
+    w_scale = np.repeat(scales, gs // 32, axis=1)  # (N, K / 32)
+    w_bias = np.repeat(biases, gs // 32, axis=1)
+    return (dots * stretch_d[:, None, :] * w_scale[None]).sum(-1) + ((q_x.sum(-1) * stretch_d) @ w_bias.T)
 
 
 def test_the_architecture_is_plain_mlx_and_loading_swaps_in_the_fast_products(tiny_4bit):
@@ -95,15 +97,29 @@ def test_float_kernel_equals_mlx_quantized_matmul_and_rows_are_independent(bits,
         assert relative_error(rows, ref) < (1e-4 if int8 else 1e-5)
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
-def test_int8_kernel_is_exactly_the_rounded_product(bits, group_size):
-    """The SIMD integer path (VNNI / AVX2 / plain C++, whichever this machine built) against the same
-    arithmetic in NumPy; and its distance from the float product, for the record."""
+@pytest.fixture
+def int8_path(request):
+    """Runs the test on one of this machine's int8 kernels: the SIMD one (VNNI / AVX2 / plain C++), or
+    AMX where it runs; AMX as it was afterwards."""
     needs_kernel()
+    ext = cpu_kernel.extension()
+    before = ext.amx()
+    if request.param == "amx" and not before:
+        pytest.skip("no Intel AMX here (CPU or OS): the SIMD int8 kernel is the one this machine runs")
+    ext.amx(request.param == "amx")
+    yield request.param
+    ext.amx(before)
+
+
+@pytest.mark.parametrize("int8_path", ["simd", "amx"], indirect=True)
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
+def test_int8_kernel_is_exactly_the_rounded_product(bits, group_size, int8_path):
+    """Each integer path against the same arithmetic in NumPy; and its distance from the float
+    product, for the record."""
     layer = quantized_layer(256, 512, bits, group_size, seed=2)
     x = mx.random.normal((5, 512), key=mx.random.key(3))
-    x[1, :32] = 0  # a block of zeros: no scale to divide by
-    x[2, 64:96] = 1e4  # one large block beside normal ones
+    x[1, :64] = 0  # a block of zeros: no scale to divide by
+    x[2, 64:128] = 1e4  # one large block beside normal ones
     out = cpu_kernel.quantized_matmul(x, layer, int8=True)
     assert relative_error(out, int8_reference(np.asarray(x), layer)) < 1e-5
     exact = cpu_kernel.quantized_matmul(x, layer, int8=False)
@@ -111,6 +127,34 @@ def test_int8_kernel_is_exactly_the_rounded_product(bits, group_size):
     # The many-row path rounds the activations alike, so a row's result does not depend on its batch.
     rounded = quantized.dequantized_matmul(quantized.int8_rounded(x), layer)
     assert relative_error(out, rounded) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 128), (8, 64), (4, 32)])
+def test_amx_tiles_equal_the_simd_kernel_at_any_number_of_rows(bits, group_size):
+    """AMX takes every product of the int8 path, from one decode row to a whole prompt (tiles of 16
+    rows, the last one partial; one to eight rows share a tile between the two digits), with the
+    SIMD kernel's integers; a row's result is bit-identical whatever rows share its product."""
+    needs_kernel()
+    ext = cpu_kernel.extension()
+    if not ext.amx():
+        pytest.skip("no Intel AMX here (CPU or OS): the SIMD int8 kernel is the one this machine runs")
+    layer = quantized_layer(336, 1152, bits, group_size, seed=4)  # 21 tiles of weight rows, 18 blocks
+    x = mx.random.normal((300, 1152), key=mx.random.key(5)) * mx.random.uniform(0.1, 3, (300, 1), key=mx.random.key(6))
+    try:
+        ext.amx(False)
+        simd = cpu_kernel.quantized_matmul(x, layer, int8=True)
+        ext.amx(True)
+        amx = cpu_kernel.quantized_matmul(x, layer, int8=True)
+        assert relative_error(amx, simd) < 1e-6
+        for m in (1, 2, 5, 8, 9, 16, 17, 40, 300):
+            assert mx.array_equal(cpu_kernel.quantized_matmul(x[:m], layer, int8=True), amx[:m]).item(), m
+        assert mx.array_equal(cpu_kernel.quantized_matmul(x[7:8], layer, int8=True), amx[7:8]).item()
+        # Weight rows not in whole tiles of 16: the SIMD kernel takes the product.
+        odd = quantized_layer(40, 1152, bits, group_size, seed=7)
+        assert relative_error(cpu_kernel.quantized_matmul(x[:3], odd, int8=True),
+                              int8_reference(np.asarray(x[:3]), odd)) < 1e-5
+    finally:
+        ext.amx(True)
 
 
 def test_the_kernel_is_a_graph_node_compile_and_odd_shapes():

@@ -22,12 +22,14 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 
 #include "mlx/backend/common/utils.h"
@@ -37,6 +39,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && defined(__linux__)
+#define LFM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace mx = mlx::core;
@@ -204,7 +212,7 @@ void float_rows(const float* x, const uint8_t* row, const float* scales, const f
 // holds weights 8l .. 8l + 7 of the chunk (the low nibbles of bytes 4l .. 4l + 3 against the even
 // activations, the high nibbles against the odd ones), at 8 bits weights 4l .. 4l + 3.
 
-constexpr int BLOCK = 32;  // activations per int8 scale, as llama.cpp's q8_0
+constexpr int BLOCK = 64;  // activations per int8 scale (one AMX tile row)
 
 template <int BITS>
 inline i8v dot_chunk(const uint8_t* w, const int8_t* xa, const int8_t* xb) {
@@ -281,17 +289,19 @@ Int8Row quantize_row(const float* x, int K, int group_size) {
     float amax = 0;
     for (int k = k0; k < k0 + BLOCK; k++) amax = std::max(amax, std::fabs(x[k]));
     const float inv = amax > 0 ? 127 / amax : 0, d = amax / 127 / 128;
-    int32_t sum = 0;
-    for (int k = k0; k < k0 + BLOCK; k++) {
-      const float t = x[k] * inv, q1 = std::nearbyint(t), q2 = std::nearbyint((t - q1) * 128);
-      q[0][k] = static_cast<int8_t>(q1);
-      q[1][k] = static_cast<int8_t>(q2);
-      sum += 128 * q[0][k] + q[1][k];
+    for (int g0 = k0; g0 < k0 + BLOCK; g0 += std::min(group_size, BLOCK)) {  // a block may span groups
+      int32_t sum = 0;
+      for (int k = g0; k < g0 + std::min(group_size, BLOCK); k++) {
+        const float t = x[k] * inv, q1 = std::nearbyint(t), q2 = std::nearbyint((t - q1) * 128);
+        q[0][k] = static_cast<int8_t>(q1);
+        q[1][k] = static_cast<int8_t>(q2);
+        sum += 128 * q[0][k] + q[1][k];
+      }
+      // The bias term's sum is over the rounded activations too: the product is exactly that of the
+      // rounded x with the dequantized weight, as the many-row path (lfm_mlx.quantized) computes it.
+      row.xsum[g0 / group_size] += d * sum;
     }
     for (int k = k0; k < k0 + BLOCK; k += lane_weights) row.lanes[k / lane_weights] = d;
-    // The bias term's sum is over the rounded activations too: the product is exactly that of the
-    // rounded x with the dequantized weight, as the many-row path (lfm_mlx.quantized) computes it.
-    row.xsum[k0 / group_size] += d * sum;
   }
   for (int digit = 0; digit < 2; digit++) {
     if constexpr (BITS == 4) {
@@ -368,6 +378,280 @@ void int8_rows(const Int8Row* xs, const uint8_t* row, const float* scales, const
   }
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// Int8 arithmetic on Intel AMX (Sapphire Rapids and later): the same digits, 16 x rows against 16
+// weight rows per tile instruction. Where it runs, it takes every product of the int8 path, one row
+// or a whole prompt: a row's arithmetic is the same whatever rows share its tiles.
+//
+// Per 32-value block (one activation scale, within one weight group): the two digits' tiles A1, A2
+// (16 rows x 32 int8) times the weights' tile B (8 x 64 bytes: 16 weight rows, 4 codes each, as
+// AMX's dot products read them) give two 16 x 16 int32 tiles C1, C2; then, in float,
+// acc[m][n] += (128 C1 + C2)[m][n] * (scale[n][g] * d[m][block]), and at the end the bias term
+// bias[n][g] * xsum[m][g]. The weights' K order inside a block follows their packing (at 4 bits the
+// low nibbles' activations first, then the high nibbles'), and the activations are laid out alike.
+
+#if LFM_AMX
+// Linux hands out AMX's tile registers only to processes that ask (arch_prctl XCOMP_PERM).
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+std::atomic<bool> amx_wanted{std::getenv("LFM_MLX_AMX") == nullptr || std::string(std::getenv("LFM_MLX_AMX")) != "0"};
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Up to 8 rows, the two digits share one tile (rows 0 .. R-1 the first, R .. 2R-1 the second), and
+// two sets of tiles take turns, so one block's product runs while the other's is read out:
+// tiles 0, 3: C (2R x 16 int32); 1, 4: A (2R x 64 int8); 2, 5: B (16 x 64 bytes).
+// From 9 to 16 rows: tiles 0, 1: C1, C2 (R x 16); 2, 3: A1, A2 (R x 64); 4: B.
+void configure_tiles(int R) {
+  thread_local int configured = 0;
+  if (configured == R) return;
+  TileConfig config;
+  if (R <= 8) {
+    for (int t : {0, 3}) config.rows[t] = 2 * R, config.colsb[t] = 64;
+    for (int t : {1, 4}) config.rows[t] = 2 * R, config.colsb[t] = BLOCK;
+    for (int t : {2, 5}) config.rows[t] = BLOCK / 4, config.colsb[t] = 64;
+  } else {
+    for (int t : {0, 1}) config.rows[t] = R, config.colsb[t] = 64;
+    for (int t : {2, 3}) config.rows[t] = R, config.colsb[t] = BLOCK;
+    config.rows[4] = BLOCK / 4, config.colsb[4] = 64;
+  }
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes, which lets it drop the stores before.
+  asm volatile("ldtilecfg %0" ::"m"(config));
+  configured = R;
+}
+
+// acc[r] += (128 c1[r] + c2[r]) * scale * d[r]: one block's integer dots into the float sums.
+template <int R>
+inline void add_block(__m512* acc, const int32_t* c1, const int32_t* c2, __m512 scale, const float* d, int blocks) {
+  for (int r = 0; r < R; r++) {
+    const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c1 + r * 16), 7),
+                                         _mm512_load_si512(c2 + r * 16));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(d[r * blocks])), acc[r]);
+  }
+}
+
+// R <= 16 rows of x (their digits in tile layout, a: [block][digit][R][BLOCK]) against 16 weight rows
+// (b: blocks kb0 .. kb1 - 1, [block][BLOCK / 4][64]); d: [R][block]; the weights' scales and biases
+// transposed, [group][16]. The sums carry over in partial from one range of blocks to the next; after
+// the last block the bias term goes in and the 16 outputs of each row go to y.
+template <int R>
+void amx_tile(const int8_t* a, const uint8_t* b, const float* d, const float* scales_t, const float* biases_t,
+              const float* xsum, float* y, int N, int blocks, int G, int blocks_per_group, int kb0, int kb1,
+              float* partial) {
+  configure_tiles(R);
+  constexpr long a_block = 2L * R * BLOCK, b_block = BLOCK / 4 * 64;
+  alignas(64) int32_t c[2][2 * R * 16];
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = kb0 ? _mm512_load_ps(partial + r * 16) : _mm512_setzero_ps();
+  b -= kb0 * b_block;
+  int kb = kb0;
+  if constexpr (R <= 8) {
+    for (; kb + 2 <= kb1; kb += 2) {
+      _tile_zero(0);
+      _tile_loadd(1, a + kb * a_block, BLOCK);
+      _tile_loadd(2, b + kb * b_block, 64);
+      _tile_dpbsud(0, 1, 2);
+      _tile_zero(3);
+      _tile_loadd(4, a + (kb + 1) * a_block, BLOCK);
+      _tile_loadd(5, b + (kb + 1) * b_block, 64);
+      _tile_dpbsud(3, 4, 5);
+      _tile_stored(0, c[0], 64);
+      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+      _tile_stored(3, c[1], 64);
+      add_block<R>(acc, c[1], c[1] + R * 16, _mm512_load_ps(scales_t + (kb + 1) / blocks_per_group * 16),
+                   d + kb + 1, blocks);
+    }
+    for (; kb < kb1; kb++) {
+      _tile_zero(0);
+      _tile_loadd(1, a + kb * a_block, BLOCK);
+      _tile_loadd(2, b + kb * b_block, 64);
+      _tile_dpbsud(0, 1, 2);
+      _tile_stored(0, c[0], 64);
+      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+    }
+  } else {
+    for (; kb < kb1; kb++) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(2, a + kb * a_block, BLOCK);
+      _tile_loadd(3, a + kb * a_block + R * BLOCK, BLOCK);
+      _tile_loadd(4, b + kb * b_block, 64);
+      _tile_dpbsud(0, 2, 4);
+      _tile_dpbsud(1, 3, 4);
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      add_block<R>(acc, c[0], c[1], _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+    }
+  }
+  if (kb1 < blocks) {
+    for (int r = 0; r < R; r++) _mm512_store_ps(partial + r * 16, acc[r]);
+    return;
+  }
+  for (int g = 0; g < G; g++) {
+    const __m512 bias = _mm512_load_ps(biases_t + g * 16);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(bias, _mm512_set1_ps(xsum[r * G + g]), acc[r]);
+  }
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + (long)r * N, acc[r]);
+}
+
+// 32 bytes of 16 weight rows (rows at stride row_bytes) into B tile rows at b: the 16 x 8 dwords
+// transposed (dword j of every row side by side); at 4 bits (one block) row j takes their low nibbles
+// and row 8 + j their high ones, at 8 bits (half a block) row j takes them as they are.
+template <int BITS>
+inline void weight_chunk(const uint8_t* w, long row_bytes, uint8_t* b) {
+  __m512i z[8], t[8];
+  for (int n = 0; n < 8; n++)
+    z[n] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(w + n * row_bytes))),
+                              _mm256_loadu_si256((const __m256i*)(w + (n + 8) * row_bytes)), 1);
+  for (int n = 0; n < 8; n += 2) {
+    t[n] = _mm512_unpacklo_epi32(z[n], z[n + 1]);
+    t[n + 1] = _mm512_unpackhi_epi32(z[n], z[n + 1]);
+  }
+  for (int h = 0; h < 8; h += 4)
+    for (int i = 0; i < 2; i++) {
+      z[h + i] = _mm512_unpacklo_epi64(t[h + i], t[h + i + 2]);      // dword i of rows h.., per lane
+      z[h + i + 2] = _mm512_unpackhi_epi64(t[h + i], t[h + i + 2]);  // dword i + 2
+    }
+  // z[0..3]: dwords 0, 2, 1, 3 (lanes: rows 0-3 of dwords j and j + 4, rows 8-11 of both); z[4..7]: rows 4-7, 12-15.
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const int order[4] = {0, 2, 1, 3};
+  for (int i = 0; i < 4; i++) {
+    const int j = order[i];
+    t[j] = _mm512_permutex2var_epi64(z[i], first, z[i + 4]);
+    t[j + 4] = _mm512_permutex2var_epi64(z[i], second, z[i + 4]);
+  }
+  if constexpr (BITS == 4) {
+    const __m512i nibble = _mm512_set1_epi8(15);
+    for (int j = 0; j < 8; j++) {
+      _mm512_store_si512(b + j * 64, _mm512_and_si512(t[j], nibble));
+      _mm512_store_si512(b + (8 + j) * 64, _mm512_and_si512(_mm512_srli_epi16(t[j], 4), nibble));
+    }
+  } else {
+    for (int j = 0; j < 8; j++) _mm512_store_si512(b + j * 64, t[j]);
+  }
+}
+
+// dst[j][i] = src[i][j] for 16 rows i (at stride floats apart) and cols <= 16 columns j.
+inline void transpose16(const float* src, long stride, int cols, float* dst) {
+  const __mmask16 mask = (__mmask16)((1u << cols) - 1);
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, src + i * stride));
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + k]: rows i .. i + 3 of column 4 L + k in 128-bit lane L
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; k++) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44), v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+    t[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+  for (int j = 0; j < cols; j++) _mm512_store_si512(dst + j * 16, t[j]);
+}
+
+template <int BITS>
+void qmm_amx(const std::vector<Int8Row>& xq, const uint8_t* w, const float* scales, const float* biases, float* y,
+             int M, int N, int K, int group_size) {
+  constexpr int block_bytes = BLOCK * BITS / 8, lane_weights = BITS == 4 ? 8 : 4;
+  const int blocks = K / BLOCK, G = K / group_size, tiles_m = (M + 15) / 16;
+  const long row_bytes = (long)K * BITS / 8;
+  // x's digits in tile layout, [m tile][block][digit][R rows][BLOCK] (R = 16 but in the last tile);
+  // the scales d and the bias sums.
+  std::vector<int8_t> a((size_t)M * blocks * 2 * BLOCK);
+  std::vector<float> d((size_t)M * blocks), xsum((size_t)M * G);
+  for (int m = 0; m < M; m++) {
+    const int R = std::min(16, M - m / 16 * 16);
+    for (int kb = 0; kb < blocks; kb++) {
+      for (int digit = 0; digit < 2; digit++) {
+        int8_t* dst = a.data() + (size_t)(m / 16) * 16 * blocks * 2 * BLOCK + ((size_t)kb * 2 + digit) * R * BLOCK +
+                      (m % 16) * BLOCK;
+        if constexpr (BITS == 4) {
+          std::memcpy(dst, xq[m].a[digit].data() + kb * BLOCK / 2, BLOCK / 2);
+          std::memcpy(dst + BLOCK / 2, xq[m].b[digit].data() + kb * BLOCK / 2, BLOCK / 2);
+        } else {
+          std::memcpy(dst, xq[m].a[digit].data() + kb * BLOCK, BLOCK);
+        }
+      }
+      d[(size_t)m * blocks + kb] = xq[m].lanes[kb * BLOCK / lane_weights];
+    }
+    std::copy(xq[m].xsum.begin(), xq[m].xsum.end(), xsum.begin() + (size_t)m * G);
+  }
+  // Weight rows n0 .. n0 + 15 in tile layout (B: per block, BLOCK / 4 rows of 16 x 4 codes), then
+  // against every tile of x.
+  auto weight_tiles = [&](int t0, int t1) {
+    thread_local std::vector<uint8_t> buffer;  // B tiles, then the weight rows' scales and biases
+    buffer.resize((size_t)K * 16 + (size_t)G * 16 * 2 * sizeof(float) + 64);
+    uint8_t* b = reinterpret_cast<uint8_t*>(((uintptr_t)buffer.data() + 63) & ~(uintptr_t)63);
+    float* scales_t = reinterpret_cast<float*>(b + (size_t)K * 16);
+    float* biases_t = scales_t + (size_t)G * 16;
+    alignas(64) float partial[16 * 16];
+    // One tile of x: the weights' tiles a range of blocks at a time (16 KB, in L1 while used); more
+    // tiles of x: all blocks, each tile reused by every tile of x.
+    const int range = tiles_m == 1 ? 16 : blocks;
+    for (int t = t0; t < t1; t++) {
+      const int n0 = t * 16;
+      for (int g = 0; g < G; g += 16) {
+        transpose16(scales + (long)n0 * G + g, G, std::min(16, G - g), scales_t + g * 16);
+        transpose16(biases + (long)n0 * G + g, G, std::min(16, G - g), biases_t + g * 16);
+      }
+      for (int kb0 = 0; kb0 < blocks; kb0 += range) {
+        const int kb1 = std::min(blocks, kb0 + range);
+        for (int c = kb0 * BITS / 4; c < kb1 * BITS / 4; c++) {  // 32 bytes: a block at 4 bits, half of one at 8
+          weight_chunk<BITS>(w + n0 * row_bytes + c * 32, row_bytes, b + (long)(c - kb0 * BITS / 4) * (8 / BITS) * 8 * 64);
+          // What comes next (these rows' next range of blocks, or the next 16 rows' first), a cache line
+          // of each row at a time: 16 streams are more than the hardware's prefetcher keeps ahead of.
+          const long ahead = kb1 < blocks ? n0 * row_bytes + (c + (kb1 - kb0) * BITS / 4) * 32
+                                          : (n0 + 16) * row_bytes + (c - kb0 * BITS / 4) * 32;
+          if (c % 2 == 0 && (kb1 < blocks || t + 1 < t1))  // (a prefetch past the end does no harm)
+            for (int i = 0; i < 16; i++) _mm_prefetch((const char*)(w + ahead + i * row_bytes), _MM_HINT_T0);
+        }
+        for (int tm = 0; tm < tiles_m; tm++) {
+          const int8_t* at = a.data() + (size_t)tm * blocks * 2 * 16 * BLOCK;
+          const float *dt = d.data() + (size_t)tm * 16 * blocks, *xt = xsum.data() + (size_t)tm * 16 * G;
+          float* yt = y + (long)tm * 16 * N + n0;
+          switch (std::min(16, M - tm * 16)) {
+#define TILE(R)                                                                                                \
+  case R:                                                                                                      \
+    amx_tile<R>(at, b, dt, scales_t, biases_t, xt, yt, N, blocks, G, group_size / BLOCK, kb0, kb1, partial); \
+    break;
+            TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+            TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14) TILE(15) TILE(16)
+#undef TILE
+          }
+        }
+      }
+    }
+  };
+  Pool& pool = Pool::get();
+  const int tiles_n = N / 16;
+  if (pool.size() == 1 || (long)N * K * tiles_m < (1L << 18)) {
+    weight_tiles(0, tiles_n);
+    return;
+  }
+  const int chunk = std::max(1, tiles_n / (pool.size() * 16));
+  pool.run((tiles_n + chunk - 1) / chunk, [&](int i) { weight_tiles(i * chunk, std::min(tiles_n, (i + 1) * chunk)); });
+}
+
+bool amx_applies(int N, int K, int group_size) {
+  return amx_wanted.load() && amx_permitted() && N % 16 == 0 && group_size >= BLOCK;
+}
+#endif
+
 // ----------------------------------------------------------------------------------------------
 // The product over all rows, shared among threads.
 
@@ -380,6 +664,9 @@ void qmm(const float* x, const uint8_t* w, const float* scales, const float* bia
   std::vector<Int8Row> xq;
   if (int8) {
     for (int m = 0; m < M; m++) xq.push_back(quantize_row<BITS>(x + (long)m * K, K, group_size));
+#if LFM_AMX
+    if (amx_applies(N, K, group_size)) return qmm_amx<BITS>(xq, w, scales, biases, y, M, N, K, group_size);
+#endif
   } else {
     xsum.assign((size_t)M * G, 0.f);
     for (int m = 0; m < M; m++)
@@ -632,7 +919,7 @@ mx::array dequantize(const mx::array& w, const mx::array& scales, const mx::arra
 }
 
 bool int8_supported(int bits, int K, int group_size) {
-  return (group_size == 32 || group_size == 64 || group_size == 128) && K % (bits == 4 ? 64 : 32) == 0;
+  return (group_size == 32 || group_size == 64 || group_size == 128) && K % BLOCK == 0;
 }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
@@ -664,4 +951,16 @@ NB_MODULE(_qmm, m) {
   m.def("int8_supported", &int8_supported, "bits"_a, "K"_a, "group_size"_a,
         "Whether int8 activations apply to this shape (else the float kernel runs).");
   m.def("threads", [] { return Pool::get().size(); }, "Threads that share each product.");
+  m.def(
+      "amx",
+      [](std::optional<bool> enable) {
+#if LFM_AMX
+        if (enable) amx_wanted = *enable;
+        return amx_wanted.load() && amx_permitted();
+#else
+        return false;
+#endif
+      },
+      "enable"_a = nb::none(),
+      "Whether the int8 path runs on Intel AMX tiles (where the CPU and OS allow); enable=False/True switches.");
 }
