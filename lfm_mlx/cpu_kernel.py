@@ -6,7 +6,9 @@ MLX's CPU ``quantized_matmul`` is a scalar loop whose running sum is one long de
 extensions" layout) with two kernels for few rows of float32 input against affine 4/8-bit weights:
 float activations (exact to float rounding, the reference) and int8 activations (quantized per 64
 values and multiplied as integers: AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, plain C++ elsewhere,
-~2-3x faster; on Intel AMX, 16 rows by 16 weight rows per tile instruction, for any number of rows). Since it is a graph node, a decode step is one evaluation and can be compiled.
+~2-3x faster; on Intel AMX, 16 rows by 16 weight rows per tile instruction, for any number of rows).
+Since it is a graph node, a decode step is one evaluation and can be compiled. The extension also holds
+a vectorized SiLU and the attention of decoding rows (``lfm_mlx.cpu_attention``).
 
 It is built with CMake on first use against the installed ``mlx`` and ``nanobind`` and cached in
 ``~/.cache/lfm_mlx`` (or ``$LFM_MLX_CACHE``), keyed by the sources, the versions and the CPU. Without a

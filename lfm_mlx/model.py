@@ -3,7 +3,7 @@
 Layout and key names follow the Hugging Face checkpoints (``model.layers.N.conv.in_proj`` …), so
 weights load without renaming; ``sanitize`` is the one place where checkpoint layout is adapted.
 Layers are mlx's own (``nn.Linear``, ``nn.Embedding``, ``nn.SiLU``); loading swaps fast CPU products
-into their quantized forms, and a fast activation (``lfm_mlx.quantized.accelerate``).
+into their quantized forms, a fast activation and decoding rows' attention (``lfm_mlx.quantized.accelerate``).
 """
 
 from __future__ import annotations

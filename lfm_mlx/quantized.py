@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernel
+from .cpu_attention import CPUAttention
+from .model import Attention
 
 # From this many input rows on (without the SIMD kernel), dequantize-then-matmul beats MLX's CPU
 # quantized kernel: unpacking a weight costs about what 2-3 rows of its quantized matvec do.
@@ -117,9 +119,11 @@ class SiLU(nn.SiLU):
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Give ``model``'s MLX layers the fast CPU paths above, in place: the architecture keeps plain
-    ``nn.Linear`` / ``nn.Embedding`` / ``nn.SiLU``, and the subclasses add behaviour, no state."""
-    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding, nn.SiLU: SiLU}
+    """Give ``model``'s layers the fast CPU paths above and decoding rows' attention
+    (``lfm_mlx.cpu_attention``), in place: the architecture keeps plain ``nn.Linear`` /
+    ``nn.Embedding`` / ``nn.SiLU`` and its own attention, and the subclasses add behaviour, no state."""
+    swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding, nn.SiLU: SiLU,
+             Attention: CPUAttention}
     for _, module in model.named_modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]

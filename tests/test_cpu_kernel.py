@@ -10,7 +10,8 @@ import pytest
 
 import lfm_mlx
 from conftest import GREEDY, relative_error
-from lfm_mlx import cpu_kernel, model as architecture, quantized
+from lfm_mlx import cpu_attention, cpu_kernel, model as architecture, quantized
+from lfm_mlx.cache import batch_rows
 
 
 def quantized_layer(n: int, k: int, bits: int, group_size: int, seed: int = 0) -> nn.Module:
@@ -65,6 +66,59 @@ def test_the_architecture_is_plain_mlx_and_loading_swaps_in_the_fast_products(ti
     assert isinstance(tiny_4bit.model.embed_tokens, quantized.QuantizedEmbedding)
     assert type(plain.layers[0].feed_forward.act) is nn.SiLU
     assert isinstance(tiny_4bit.layers[0].feed_forward.act, quantized.SiLU)
+    attention = next(layer.self_attn for layer in tiny_4bit.layers if layer.is_attention)
+    assert type(attention) is cpu_attention.CPUAttention
+    assert type(next(layer.self_attn for layer in plain.layers if layer.is_attention)) is architecture.Attention
+
+
+def test_decode_attention_equals_mlx_attention_row_by_row():
+    """One query per sequence against its own keys and values (different lengths; some slices of a
+    larger buffer, as the KV cache hands them over; one longer than a thread's share)."""
+    needs_kernel()
+    key = iter(mx.random.split(mx.random.key(11), 64))
+    lengths = [1, 7, 300, 64, 2000]
+    q = mx.random.normal((len(lengths), 16, 1, 64), key=next(key))
+    keys, values = [], []
+    for i, n in enumerate(lengths):
+        if i % 2:  # a slice of a buffer with room to spare
+            keys.append(mx.random.normal((1, 8, n + 40, 64), key=next(key))[:, :, :n])
+            values.append(mx.random.normal((1, 8, n + 40, 64), key=next(key))[:, :, :n])
+        else:
+            keys.append(mx.random.normal((1, 8, n, 64), key=next(key)) * 3)
+            values.append(mx.random.normal((1, 8, n, 64), key=next(key)))
+    out = cpu_kernel.extension().decode_attention(q, keys, values, 0.125, stream=mx.cpu)
+    for i in range(len(lengths)):
+        ref = mx.fast.scaled_dot_product_attention(q[i : i + 1], keys[i], values[i], scale=0.125)
+        assert relative_error(out[i : i + 1], ref) < 1e-5
+    with pytest.raises(ValueError, match="B keys and values"):
+        cpu_kernel.extension().decode_attention(q, keys[:2], values[:2], 0.125, stream=mx.cpu)
+
+
+def test_decoding_rows_attention_equals_the_models_own(tiny, monkeypatch):
+    """Decoding rows beside a prompt chunk, through the engine's ragged batch: the CPU attention gives
+    the model's own attention's logits, and a row's logits are those of its step alone."""
+    needs_kernel()
+    model = tiny[0]
+    prompts = [list(range(100 + 7 * i, 130 + 9 * i)) for i in range(3)]
+
+    def prefilled(prompt: list) -> list:
+        cache = lfm_mlx.make_cache(model)
+        mx.eval(model(mx.array([prompt]), cache=cache))
+        return cache
+
+    def run() -> tuple:
+        feeds = [[5], [6], [7], list(range(200, 211))]
+        caches = [prefilled(p) for p in prompts] + [lfm_mlx.make_cache(model)]
+        batch = model(mx.array([[t for f in feeds for t in f]]), cache=batch_rows(caches, [len(f) for f in feeds]))
+        alone = model(mx.array([[6]]), cache=prefilled(prompts[1]))
+        return batch, alone
+
+    fast_batch, fast_alone = run()
+    assert relative_error(fast_batch[:, 1], fast_alone[:, 0]) < 1e-5
+    monkeypatch.setattr(cpu_attention.CPUAttention, "_decodes", lambda self, caches: False)
+    plain_batch, plain_alone = run()
+    assert relative_error(fast_batch, plain_batch) < 1e-5
+    assert relative_error(fast_alone, plain_alone) < 1e-5
 
 
 def test_vectorized_silu_is_as_exact_as_mlx_and_keeps_nan_and_extremes():

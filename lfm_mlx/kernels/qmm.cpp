@@ -31,6 +31,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -41,7 +42,8 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && defined(__linux__)
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && defined(__AVX512VBMI__) && \
+    defined(__linux__)
 #define LFM_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -564,32 +566,69 @@ inline void transpose16(const float* src, long stride, int cols, float* dst) {
   for (int j = 0; j < cols; j++) _mm512_store_si512(dst + j * 16, t[j]);
 }
 
+// One block of 64 activations as Int8Row's two digits (the same arithmetic, vectorized), written in
+// the weights' K order (at 4 bits the even activations, then the odd ones): digit 1 at q1, digit 2 at
+// q2; its scale d and the sum of its rounded values (128 q1 + q2).
 template <int BITS>
-void qmm_amx(const std::vector<Int8Row>& xq, const uint8_t* w, const float* scales, const float* biases, float* y,
-             int M, int N, int K, int group_size) {
-  constexpr int block_bytes = BLOCK * BITS / 8, lane_weights = BITS == 4 ? 8 : 4;
+inline void quantize_block(const float* x, int8_t* q1, int8_t* q2, float& d, int32_t& sum) {
+  __m512 v[4], top = _mm512_setzero_ps();
+  for (int i = 0; i < 4; i++) {
+    v[i] = _mm512_loadu_ps(x + 16 * i);
+    top = _mm512_max_ps(top, _mm512_abs_ps(v[i]));
+  }
+  const float amax = _mm512_reduce_max_ps(top), inv = amax > 0 ? 127 / amax : 0;
+  d = amax / 127 / 128;
+  __m512i total = _mm512_setzero_si512();
+  alignas(64) int8_t bytes[2][64];
+  for (int i = 0; i < 4; i++) {
+    const __m512 t = _mm512_mul_ps(v[i], _mm512_set1_ps(inv));
+    const __m512 r1 = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, r1), _mm512_set1_ps(128.f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i i1 = _mm512_cvtps_epi32(r1), i2 = _mm512_cvtps_epi32(r2);
+    total = _mm512_add_epi32(total, _mm512_add_epi32(_mm512_slli_epi32(i1, 7), i2));
+    _mm_store_si128((__m128i*)(bytes[0] + 16 * i), _mm512_cvtepi32_epi8(i1));
+    _mm_store_si128((__m128i*)(bytes[1] + 16 * i), _mm512_cvtepi32_epi8(i2));
+  }
+  sum = _mm512_reduce_add_epi32(total);
+  __m512i digits[2] = {_mm512_load_si512(bytes[0]), _mm512_load_si512(bytes[1])};
+  if constexpr (BITS == 4) {  // even positions first, then odd ones
+    alignas(64) static const uint8_t order[64] = {
+        0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+        44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23,
+        25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+    const __m512i index = _mm512_load_si512(order);
+    for (auto& digit : digits) digit = _mm512_permutexvar_epi8(index, digit);
+  }
+  _mm512_storeu_si512(q1, digits[0]);
+  _mm512_storeu_si512(q2, digits[1]);
+}
+
+template <int BITS>
+void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float* biases, float* y, int M, int N,
+             int K, int group_size) {
   const int blocks = K / BLOCK, G = K / group_size, tiles_m = (M + 15) / 16;
   const long row_bytes = (long)K * BITS / 8;
   // x's digits in tile layout, [m tile][block][digit][R rows][BLOCK] (R = 16 but in the last tile);
-  // the scales d and the bias sums.
+  // the scales d and the bias sums. Rows are shared out among the threads (a prompt's are many).
   std::vector<int8_t> a((size_t)M * blocks * 2 * BLOCK);
-  std::vector<float> d((size_t)M * blocks), xsum((size_t)M * G);
-  for (int m = 0; m < M; m++) {
-    const int R = std::min(16, M - m / 16 * 16);
-    for (int kb = 0; kb < blocks; kb++) {
-      for (int digit = 0; digit < 2; digit++) {
-        int8_t* dst = a.data() + (size_t)(m / 16) * 16 * blocks * 2 * BLOCK + ((size_t)kb * 2 + digit) * R * BLOCK +
-                      (m % 16) * BLOCK;
-        if constexpr (BITS == 4) {
-          std::memcpy(dst, xq[m].a[digit].data() + kb * BLOCK / 2, BLOCK / 2);
-          std::memcpy(dst + BLOCK / 2, xq[m].b[digit].data() + kb * BLOCK / 2, BLOCK / 2);
-        } else {
-          std::memcpy(dst, xq[m].a[digit].data() + kb * BLOCK, BLOCK);
-        }
+  std::vector<float> d((size_t)M * blocks), xsum((size_t)M * G, 0.f);
+  auto quantize_rows = [&](int m0, int m1) {
+    for (int m = m0; m < m1; m++) {
+      const int R = std::min(16, M - m / 16 * 16);
+      for (int kb = 0; kb < blocks; kb++) {
+        int8_t* dst = a.data() + (size_t)(m / 16) * 16 * blocks * 2 * BLOCK + (size_t)kb * 2 * R * BLOCK + (m % 16) * BLOCK;
+        int32_t sum;
+        quantize_block<BITS>(x + (long)m * K + kb * BLOCK, dst, dst + R * BLOCK, d[(size_t)m * blocks + kb], sum);
+        xsum[(size_t)m * G + kb * BLOCK / group_size] += d[(size_t)m * blocks + kb] * sum;
       }
-      d[(size_t)m * blocks + kb] = xq[m].lanes[kb * BLOCK / lane_weights];
     }
-    std::copy(xq[m].xsum.begin(), xq[m].xsum.end(), xsum.begin() + (size_t)m * G);
+  };
+  if (M < 8 || Pool::get().size() == 1) {
+    quantize_rows(0, M);
+  } else {
+    const int chunk = std::max(1, M / (Pool::get().size() * 4));
+    Pool::get().run((M + chunk - 1) / chunk, [&](int i) { quantize_rows(i * chunk, std::min(M, (i + 1) * chunk)); });
   }
   // Weight rows n0 .. n0 + 15 in tile layout (B: per block, BLOCK / 4 rows of 16 x 4 codes), then
   // against every tile of x.
@@ -663,10 +702,10 @@ void qmm(const float* x, const uint8_t* w, const float* scales, const float* bia
   std::vector<float> xsum;
   std::vector<Int8Row> xq;
   if (int8) {
-    for (int m = 0; m < M; m++) xq.push_back(quantize_row<BITS>(x + (long)m * K, K, group_size));
 #if LFM_AMX
-    if (amx_applies(N, K, group_size)) return qmm_amx<BITS>(xq, w, scales, biases, y, M, N, K, group_size);
+    if (amx_applies(N, K, group_size)) return qmm_amx<BITS>(x, w, scales, biases, y, M, N, K, group_size);
 #endif
+    for (int m = 0; m < M; m++) xq.push_back(quantize_row<BITS>(x + (long)m * K, K, group_size));
   } else {
     xsum.assign((size_t)M * G, 0.f);
     for (int m = 0; m < M; m++)
@@ -896,6 +935,122 @@ mx::array silu(const mx::array& x, mx::StreamOrDevice s) {
   return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(stream), {x});
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// Attention of one new token per sequence, for many sequences at once: each query row against its own
+// sequence's keys and values (other arrays, other lengths). MLX's CPU attention for one query is a
+// handful of graph nodes per sequence and layer (~0.2 ms at 300 keys); a batch of 16 decoding rows
+// spent more time there than in its products. One node here, with the rows' heads shared out among
+// the threads.
+
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  // inputs: q [B, H, 1, D], then B keys [1, Hkv, L_i, D], then B values alike.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, y = out.data<float>(), scale = scale_]() {
+      const int B = inputs[0].shape(0), H = inputs[0].shape(1), D = inputs[0].shape(3);
+      const int Hkv = inputs[1].shape(1), group = H / Hkv;
+      RowMajor<float> q(inputs[0]);
+      std::vector<std::unique_ptr<RowMajor<float>>> copies;  // keys or values whose rows are not dense
+      std::vector<const float*> keys(B), values(B);
+      std::vector<long> key_head(B), value_head(B);
+      auto place = [&](const mx::array& a, const float*& data, long& head_stride) {
+        if (a.strides(3) == 1 && a.strides(2) == D) {
+          data = a.data<float>(), head_stride = a.strides(1);
+        } else {
+          copies.push_back(std::make_unique<RowMajor<float>>(a));
+          data = copies.back()->data, head_stride = (long)a.shape(2) * D;
+        }
+      };
+      long work = 0;
+      for (int i = 0; i < B; i++) {
+        place(inputs[1 + i], keys[i], key_head[i]);
+        place(inputs[1 + B + i], values[i], value_head[i]);
+        work += (long)inputs[1 + i].shape(2) * H * D;
+      }
+      auto head = [&](int task) {  // one sequence's kv head and the query heads that share it
+        const int i = task / Hkv, h = task % Hkv, L = inputs[1 + i].shape(2);
+        const float *k = keys[i] + h * key_head[i], *v = values[i] + h * value_head[i];
+        std::vector<float> p(L);
+        for (int g = 0; g < group; g++) {
+          const float* qh = q.data + ((long)i * H + h * group + g) * D;
+          float top = -INFINITY;
+          for (int j = 0; j < L; j++) {
+            f8 acc = {};
+            for (int d = 0; d < D; d += 8) acc += load8(qh + d) * load8(k + (long)j * D + d);
+            p[j] = sum8(acc) * scale;
+            top = std::max(top, p[j]);
+          }
+          float total = 0;
+          int j = 0;
+          for (; j + 8 <= L; j += 8) {
+            const f8 e = exp8(load8(p.data() + j) - top);
+            std::memcpy(p.data() + j, &e, sizeof e);
+            total += sum8(e);
+          }
+          for (; j < L; j++) total += (p[j] = std::exp(p[j] - top));
+          f8 acc[16] = {};  // D <= 128
+          for (int t = 0; t < L; t++)
+            for (int c = 0; c < D / 8; c++) acc[c] += p[t] * load8(v + (long)t * D + c * 8);
+          float* yh = y + ((long)i * H + h * group + g) * D;
+          for (int c = 0; c < D / 8; c++) {
+            const f8 o = acc[c] / total;
+            std::memcpy(yh + c * 8, &o, sizeof o);
+          }
+        }
+      };
+      if (work < (1L << 16)) {
+        for (int t = 0; t < B * Hkv; t++) head(t);
+      } else {
+        Pool::get().run(B * Hkv, head);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("lfm_mlx's decode_attention runs on the CPU only");
+  }
+
+  const char* name() const override { return "LfmDecodeAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+};
+
+mx::array decode_attention(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                           float scale, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("decode_attention: CPU streams only");
+  const int B = q.ndim() == 4 ? q.shape(0) : 0;
+  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1 || q.shape(3) % 8 != 0 || q.shape(3) > 128 ||
+      (int)keys.size() != B || (int)values.size() != B)
+    throw std::invalid_argument("decode_attention: float32 q [B, H, 1, D] (D a multiple of 8, at most 128) and B keys and values");
+  std::vector<mx::array> inputs = {q};
+  for (auto* list : {&keys, &values})
+    for (auto& a : *list) {
+      if (a.dtype() != mx::float32 || a.ndim() != 4 || a.shape(0) != 1 || a.shape(3) != q.shape(3) ||
+          a.shape(2) < 1 || a.shape(1) != keys[0].shape(1) || q.shape(1) % a.shape(1) != 0)
+        throw std::invalid_argument("decode_attention: keys and values float32 [1, Hkv, L, D], Hkv dividing H, L >= 1");
+      inputs.push_back(a);
+    }
+  for (int i = 0; i < B; i++)
+    if (keys[i].shape(2) != values[i].shape(2)) throw std::invalid_argument("decode_attention: keys and values differ in length");
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale), std::move(inputs));
+}
+
 void check_weights(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
                    int bits, int K) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
@@ -948,6 +1103,9 @@ NB_MODULE(_qmm, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
         "stream"_a = nb::none(), "The float32 weight of affine 4/8-bit w, on the CPU.");
   m.def("silu", &silu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "x * sigmoid(x) for float32 x, on the CPU.");
+  m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "softmax(q K^T * scale) V for one query row per sequence, each against its own keys and values.");
   m.def("int8_supported", &int8_supported, "bits"_a, "K"_a, "group_size"_a,
         "Whether int8 activations apply to this shape (else the float kernel runs).");
   m.def("threads", [] { return Pool::get().size(); }, "Threads that share each product.");
