@@ -23,7 +23,7 @@ from .model import Attention
 
 class CPUAttention(Attention):
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
-        if q.shape[2] == 1 and self._decodes([cache]):
+        if q.shape[0] == 1 and q.shape[2] == 1 and self._decodes(q, [cache]):
             return self._decode(q.transpose(2, 1, 0, 3), k.transpose(2, 1, 0, 3), v.transpose(2, 1, 0, 3),
                                 [cache]).transpose(2, 1, 0, 3)
         return super()._attend(q, k, v, mask, cache)
@@ -31,7 +31,7 @@ class CPUAttention(Attention):
     def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, rows: Rows) -> mx.array:
         # The engine puts decoding rows (one token each) first, then prompt chunks.
         n = next((i for i, length in enumerate(rows.lengths) if length != 1), len(rows.lengths))
-        if n == 0 or not self._decodes(rows.caches[:n]):
+        if n == 0 or not self._decodes(q, rows.caches[:n]):
             return super()._attend_rows(q, k, v, rows)
         part = [x[:, :, :n].transpose(2, 1, 0, 3) for x in (q, k, v)]  # [n, heads, 1, D]
         out = self._decode(*part, rows.caches[:n]).transpose(2, 1, 0, 3)
@@ -40,8 +40,10 @@ class CPUAttention(Attention):
         rest = Rows(rows.caches[n:], rows.lengths[n:])
         return mx.concatenate([out, super()._attend_rows(q[:, :, n:], k[:, :, n:], v[:, :, n:], rest)], axis=2)
 
-    def _decodes(self, caches: Sequence) -> bool:
-        return (mx.default_device() == mx.cpu and type(self.rope) is nn.RoPE and cpu_kernel.extension() is not None
+    def _decodes(self, q: mx.array, caches: Sequence) -> bool:
+        """Whether the extension takes these rows: float32 on the CPU, plain RoPE, full-precision caches."""
+        return (mx.default_device() == mx.cpu and q.dtype == mx.float32 and type(self.rope) is nn.RoPE
+                and self.head_dim % 8 == 0 and self.head_dim <= 128 and cpu_kernel.extension() is not None
                 and all(c is not None and c.bits is None for c in caches))
 
     def _decode(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence) -> mx.array:
