@@ -3,8 +3,8 @@
 MLX's CPU ``quantized_matmul`` is a scalar loop over input rows: decode runs at ~1 ns per weight and a
 512-token prefill costs as much as 512 decode steps (about 4 tok/s for LFM2-350M in 4-bit). So on the
 CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph; on
-CPUs with Intel AMX, all rows do), and many rows dequantize the weight once, as a transient float matrix freed right after its product, and
-hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
+CPUs with Intel AMX, all rows do), and many rows dequantize the weight once, as a transient float
+matrix freed right after its product, and hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
 ``accelerate`` swaps these products (and a vectorized SiLU) into a model's MLX layers at load time;
 parameters and checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
 """
