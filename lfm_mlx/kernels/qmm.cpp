@@ -2,13 +2,14 @@
 //
 // MLX's CPU quantized_matmul is a scalar loop (~1 ns per weight). This primitive takes rows of float32
 // x (decode, batched decode, speculative verification, short prompt chunks: lfm_mlx.quantized sends up
-// to 128) against affine 4- or 8-bit weights in MLX's layout (w = scale * q + bias per group), with two
-// kernels:
+// to 128, or every row where AMX runs) against affine 4- or 8-bit weights in MLX's layout
+// (w = scale * q + bias per group), with two kernels:
 //   - float activations: each weight unpacked to float, exact to float rounding (the reference);
-//   - int8 arithmetic: x rounded per 32 values to two int8 digits (15 bits, see Int8Row) and
-//     multiplied with the packed weights as integers (AVX-512 VNNI / AVX-VNNI dpbusd, AVX2 maddubs, or
-//     plain C++), as llama.cpp's q4 x q8 does with one digit:
+//   - int8 arithmetic: x rounded per 64 values to two int8 digits (15 bits, see Int8Row) and
+//     multiplied with the packed weights as integers (Intel AMX tiles, AVX-512 VNNI / AVX-VNNI dpbusd,
+//     AVX2 maddubs, or plain C++), as llama.cpp's q4 x q8 does with one digit:
 //     sum_g scale_g * sum_blocks d (q_w . q_x) + bias_g * sum_g d q_x.
+// It also holds a vectorized SiLU and the attention of decoding rows (one query per sequence).
 // Output rows are shared out among a small thread pool that sleeps instead of spinning, in chunks
 // claimed one at a time: a thread the OS takes away holds back one chunk, not a fixed share.
 
@@ -269,7 +270,7 @@ inline i8v dot_chunk(const uint8_t* w, const int8_t* xa, const int8_t* xb) {
 #endif
 }
 
-// One row of x, ready for the int8 kernel: each value as two int8 digits of its 32-value block,
+// One row of x, ready for the int8 kernel: each value as two int8 digits of its 64-value block,
 // x ~ d * (128 * q1 + q2) with d = max|x| / 127 / 128, q1 = round(x / (128 d)) and q2 the rounded
 // rest in 128ths (|q2| <= 64). Each digit is one VNNI product; together they carry 15 bits, so the
 // result is within float rounding of the exact product (one int8 digit alone changed the greedy
@@ -386,8 +387,8 @@ void int8_rows(const Int8Row* xs, const uint8_t* row, const float* scales, const
 // weight rows per tile instruction. Where it runs, it takes every product of the int8 path, one row
 // or a whole prompt: a row's arithmetic is the same whatever rows share its tiles.
 //
-// Per 32-value block (one activation scale, within one weight group): the two digits' tiles A1, A2
-// (16 rows x 32 int8) times the weights' tile B (8 x 64 bytes: 16 weight rows, 4 codes each, as
+// Per 64-value block (one activation scale, within one weight group): the two digits' tiles A1, A2
+// (16 rows x 64 int8) times the weights' tile B (16 x 64 bytes: 16 weight rows, 4 codes each, as
 // AMX's dot products read them) give two 16 x 16 int32 tiles C1, C2; then, in float,
 // acc[m][n] += (128 C1 + C2)[m][n] * (scale[n][g] * d[m][block]), and at the end the bias term
 // bias[n][g] * xsum[m][g]. The weights' K order inside a block follows their packing (at 4 bits the
