@@ -197,6 +197,7 @@ def chat_tab(runtime: Runtime, sessions: Sessions, model_event: dict) -> list:
                                          lines=1, max_lines=10, scale=6, elem_id="message", autofocus=True)
                     send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                     stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+                    cancels_sent = gr.State(0)  # Stop bumps it to cancel queued messages when no reply runs
                 context = gr.HTML(meter(0, runtime.max_kv_size), elem_id="context")
                 with gr.Row():
                     retry_btn = gr.Button("↻ Retry", size="sm", elem_id="retry")
@@ -289,11 +290,15 @@ def chat_tab(runtime: Runtime, sessions: Sessions, model_event: dict) -> list:
 
         yield from stream(state, start, render(state, pending=text, upto=index))
 
-    def stop(request: gr.Request):
+    def stop(request: gr.Request, cancels_sent: int):
+        """Stop this session's reply. A running turn ends within a step and renders its own end: cancelling
+        its event instead could let that event's last update reach the page after the stop's and hide the
+        reply's stats. Only when no turn runs does Stop cancel the events, dropping a message still queued."""
         state = sessions.get(request)
-        state.stop.set()
-        state.idle.wait(5)
-        return render(state), session_meter(state)
+        if not state.idle.is_set():
+            state.stop.set()
+            return gr.skip()
+        return cancels_sent + 1
 
     @soft(3)
     def undo(request: gr.Request):
@@ -349,7 +354,8 @@ def chat_tab(runtime: Runtime, sessions: Sessions, model_event: dict) -> list:
         chatbot.retry(retry, settings, chat_out, **model_event, **PRIVATE, **quiet),
         chatbot.edit(edit, settings, chat_out, **model_event, **PRIVATE, **quiet),
     ]
-    stop_btn.click(stop, None, [chatbot, context], cancels=chat_events, queue=False, **PRIVATE)
+    stop_btn.click(stop, cancels_sent, cancels_sent, queue=False, **PRIVATE)
+    cancels_sent.change(None, None, None, cancels=chat_events, queue=False, **PRIVATE)
     undo_btn.click(undo, None, chat_out, **FREE, **PRIVATE)
     chatbot.undo(undo, None, chat_out, **FREE, **PRIVATE)
     clear_btn.click(clear, None, [*chat_out, export_file], **FREE, **PRIVATE)

@@ -75,8 +75,8 @@ def run_turn(runtime: Runtime, state: ChatState, start: Callable[[ChatSession, t
     with state.turn_lock:
         if not state.idle.wait(10):  # a stopped reply may still be closing
             raise Busy("this conversation is still answering: wait for the reply or stop it")
+        state.stop = stop = threading.Event()  # before ``idle`` clears: a Stop that sees a turn sets its event
         state.idle.clear()
-        state.stop = stop = threading.Event()
     where: list[int] = []
 
     def produce(emit: Callable) -> None:

@@ -168,6 +168,9 @@ def test_stop_halts_the_reply_at_once(page):
     assert last_reply_words(page) == reply  # nothing arrives after Stop
     tokens = int(stats["text"].split(" tokens")[0].split("· ")[-1])
     assert tokens < 20000
+    page.click("#stop")  # with no reply running: it cancels what may wait in the queue, and nothing else
+    send(page, "Still there?", 6)
+    assert "6 tokens" in wait_for_stats(page, stats["at"])["text"]
 
 
 def test_undo_and_retry(page, screenshots):
