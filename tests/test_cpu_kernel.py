@@ -115,10 +115,44 @@ def test_decoding_rows_attention_equals_the_models_own(tiny, monkeypatch):
 
     fast_batch, fast_alone = run()
     assert relative_error(fast_batch[:, 1], fast_alone[:, 0]) < 1e-5
-    monkeypatch.setattr(cpu_attention.CPUAttention, "_decodes", lambda self, q, caches: False)
+    monkeypatch.setattr(cpu_attention.CPUAttention, "_takes", lambda self, q, caches, prompt=False: False)
     plain_batch, plain_alone = run()
     assert relative_error(fast_batch, plain_batch) < 1e-5
     assert relative_error(fast_alone, plain_alone) < 1e-5
+
+
+def test_causal_softmax_equals_mlx_softmax_under_the_mask():
+    needs_kernel()
+    scores = mx.random.normal((2, 3, 37, 61), key=mx.random.key(12)) * 30  # large enough to overflow e^x
+    for offset in (0, 24, 100):
+        ours = cpu_kernel.extension().causal_softmax(scores, 0.7, offset, stream=mx.cpu)
+        visible = mx.arange(37)[:, None] + offset >= mx.arange(61)[None]
+        ref = mx.softmax(mx.where(visible, scores * 0.7, -mx.inf), axis=-1)
+        assert relative_error(ours, ref) < 1e-6 and mx.all(mx.where(visible, 0, ours) == 0).item()
+    with pytest.raises(ValueError, match="offset >= 0"):
+        cpu_kernel.extension().causal_softmax(scores, 0.7, -1, stream=mx.cpu)
+
+
+def test_prompt_chunks_attention_equals_the_models_own(tiny, monkeypatch):
+    """A prompt in one chunk and in two (the second after a cached prefix), also with the queries cut
+    into blocks as a long context's are: the logits of the model's own attention."""
+    needs_kernel()
+    model = tiny[0]
+    prompt = [(37 * i) % 250 + 3 for i in range(150)]
+
+    def run() -> list:
+        whole = model(mx.array([prompt]), cache=lfm_mlx.make_cache(model))
+        cache = lfm_mlx.make_cache(model)
+        first = model(mx.array([prompt[:61]]), cache=cache)
+        return [whole, mx.concatenate([first, model(mx.array([prompt[61:]]), cache=cache)], axis=1)]
+
+    fast = run()
+    monkeypatch.setattr(cpu_attention, "SCORES_PER_BLOCK", 4000)  # blocks of a few queries
+    blocks = run()
+    monkeypatch.setattr(cpu_attention.CPUAttention, "_takes", lambda self, q, caches, prompt=False: False)
+    plain = run()
+    for ours in fast + blocks:
+        assert relative_error(ours, plain[0]) < 1e-5
 
 
 def test_vectorized_silu_is_as_exact_as_mlx_and_keeps_nan_and_extremes():

@@ -9,7 +9,8 @@
 //     multiplied with the packed weights as integers (Intel AMX tiles, AVX-512 VNNI / AVX-VNNI dpbusd,
 //     AVX2 maddubs, or plain C++), as llama.cpp's q4 x q8 does with one digit:
 //     sum_g scale_g * sum_blocks d (q_w . q_x) + bias_g * sum_g d q_x.
-// It also holds a vectorized SiLU and the attention of decoding rows (one query per sequence).
+// It also holds a vectorized SiLU, the attention of decoding rows (one query per sequence) and the
+// causal softmax of prompt chunks' attention.
 // Output rows are shared out among a small thread pool that sleeps instead of spinning, in chunks
 // claimed one at a time: a thread the OS takes away holds back one chunk, not a fixed share.
 
@@ -1052,6 +1053,88 @@ mx::array decode_attention(const mx::array& q, const std::vector<mx::array>& key
   return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale), std::move(inputs));
 }
 
+// ----------------------------------------------------------------------------------------------
+// Softmax of a prompt chunk's attention scores under the causal mask, for MLX's CPU backend: MLX's
+// exp there is a scalar loop (~11 ns a value), which made a 512-token chunk's attention ten times its
+// two matrix products (BLAS, left to MLX). Row i of the last-but-one axis sees keys 0 .. offset + i;
+// the rest of its row is zero.
+
+class CausalSoftmax : public mx::UnaryPrimitive {
+ public:
+  CausalSoftmax(mx::Stream stream, float scale, int offset) : mx::UnaryPrimitive(stream), scale_(scale), offset_(offset) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& x = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    encoder.dispatch([x, y = out.data<float>(), scale = scale_, offset = offset_]() {
+      RowMajor<float> xs(x);
+      const int S = x.shape(-1), L = x.shape(-2);
+      const long rows = (long)(x.size() / S);
+      auto row = [&](long r) {
+        const float* in = xs.data + r * S;
+        float* o = y + r * S;
+        const int n = std::min<long>(S, offset + r % L + 1);
+        float top = -INFINITY;
+        for (int j = 0; j < n; j++) top = std::max(top, in[j]);
+        const f8 shift = f8{} + top * scale;
+        f8 total8 = {};
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+          const f8 e = exp8(load8(in + j) * scale - shift);
+          std::memcpy(o + j, &e, sizeof e);
+          total8 += e;
+        }
+        float total = sum8(total8);
+        for (; j < n; j++) total += (o[j] = std::exp(in[j] * scale - top * scale));
+        const float inv = 1.f / total;
+        for (j = 0; j + 8 <= n; j += 8) {
+          const f8 p = load8(o + j) * inv;
+          std::memcpy(o + j, &p, sizeof p);
+        }
+        for (; j < n; j++) o[j] *= inv;
+        std::fill(o + n, o + S, 0.f);
+      };
+      const long per_part = std::max(1L, (1L << 15) / S);
+      const int parts = static_cast<int>((rows + per_part - 1) / per_part);
+      auto part = [&](int i) {
+        for (long r = i * per_part; r < std::min(rows, (i + 1) * per_part); r++) row(r);
+      };
+      if ((long)x.size() < (1L << 16)) {
+        for (int i = 0; i < parts; i++) part(i);
+      } else {
+        Pool::get().run(parts, part);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lfm_mlx's causal_softmax runs on the CPU only");
+  }
+
+  const char* name() const override { return "LfmCausalSoftmax"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CausalSoftmax&>(other);
+    return scale_ == o.scale_ && offset_ == o.offset_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float scale_;
+  int offset_;
+};
+
+mx::array causal_softmax(const mx::array& scores, float scale, int offset, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu || scores.dtype() != mx::float32 || scores.ndim() < 2 || offset < 0)
+    throw std::invalid_argument("causal_softmax: float32 scores [..., L, S] on a CPU stream, offset >= 0");
+  return mx::array(scores.shape(), mx::float32, std::make_shared<CausalSoftmax>(stream, scale, offset), {scores});
+}
+
 void check_weights(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
                    int bits, int K) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
@@ -1107,6 +1190,8 @@ NB_MODULE(_qmm, m) {
   m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(q K^T * scale) V for one query row per sequence, each against its own keys and values.");
+  m.def("causal_softmax", &causal_softmax, "scores"_a, "scale"_a, "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(scores * scale) over the last axis, row i of the axis before seeing keys 0 .. offset + i.");
   m.def("int8_supported", &int8_supported, "bits"_a, "K"_a, "group_size"_a,
         "Whether int8 activations apply to this shape (else the float kernel runs).");
   m.def("threads", [] { return Pool::get().size(); }, "Threads that share each product.");
