@@ -18,6 +18,8 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
+from . import cpu_kernel
+
 # Liquid AI's recommended settings for LFM2.5 instruct models, used where generation_config.json
 # carries none (the published LFM2.5-350M file has only token ids).
 LIQUID_DEFAULTS = dict(temperature=0.1, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.05)
@@ -140,11 +142,31 @@ def filter_logprobs(logprobs: mx.array, s: SamplingSettings) -> mx.array:
 
 def sample(logits: mx.array, s: SamplingSettings, keys: Optional[list] = None) -> mx.array:
     """One token per row of ``logits`` [R, V]; row i draws with ``keys[i]`` (needed unless greedy).
-    Gumbel-max is what ``mx.random.categorical`` does, with each row's noise from its own key."""
-    if s.greedy:  # argmax needs no normalisation: skips a 65k-wide exp per token
+    Gumbel-max is what ``mx.random.categorical`` does, with each row's noise from its own key.
+    Only top-p needs normalised probabilities (min-p is relative to the best token); with top-k and
+    no top-p, only the k best can be drawn, so the noise is drawn for them alone: the same
+    distribution without a 65k-wide exp and noise per token (a third of a 16-row CPU step)."""
+    if s.greedy:
         return mx.argmax(logits, axis=-1)
-    logprobs = filter_logprobs(logits - mx.logsumexp(logits, axis=-1, keepdims=True), s)
-    noise = mx.concatenate([mx.random.gumbel((1, logits.shape[-1]), key=k) for k in keys])
+    keep_all = s.top_p >= 1.0
+    if keep_all and 0 < s.top_k < logits.shape[-1]:
+        best = _best(logits, s.top_k)
+        choice = _gumbel_max(filter_logprobs(mx.take_along_axis(logits, best, axis=-1), s.updated(top_k=0)), s, keys)
+        return mx.take_along_axis(best, choice[:, None], axis=-1)[:, 0]
+    return _gumbel_max(filter_logprobs(logits if keep_all else logits - mx.logsumexp(logits, axis=-1, keepdims=True), s), s, keys)
+
+
+def _best(logits: mx.array, k: int) -> mx.array:
+    """The indices of each row's k largest logits: the CPU extension's where it runs (MLX's CPU
+    argpartition costs ~0.5 ms a row over a 65k vocabulary)."""
+    ext = cpu_kernel.extension()
+    if ext is not None and mx.default_device() == mx.cpu and logits.dtype == mx.float32:
+        return ext.top_k(logits, k, stream=mx.cpu)
+    return mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+
+
+def _gumbel_max(logprobs: mx.array, s: SamplingSettings, keys: list) -> mx.array:
+    noise = mx.concatenate([mx.random.gumbel((1, logprobs.shape[-1]), key=k) for k in keys])
     return mx.argmax(logprobs * (1.0 / s.temperature) + noise, axis=-1)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from lfm_mlx import cpu_kernel
 from lfm_mlx.sample import (
     LIQUID_DEFAULTS, SamplingSettings, filter_logprobs, new_key, read_generation_config, sample, split_key)
 
@@ -75,6 +76,40 @@ def test_draws_follow_the_tempered_distribution():
     expected = np.exp(np.array([2.0, 1.0, 0.0, -9.0]) / 0.5)
     expected /= expected.sum()
     assert np.abs(counts / counts.sum() - expected).max() < 0.03 and counts[3] == 0
+
+
+def test_top_k_draws_only_the_k_best_in_their_tempered_proportions():
+    """With top-k and no top-p, the noise is drawn for the k best alone: the same distribution, and a
+    row's draw still depends only on its own key."""
+    logits = mx.array([[0.5, 2.0, -1.0, 1.0, 1.5, -9.0]])
+    s = SamplingSettings(temperature=0.7, top_k=3, min_p=0.5)  # min-p then drops 1.0 (p < 0.5 p_max)
+    key, counts = new_key(8), np.zeros(6)
+    for _ in range(3000):
+        key, draw = split_key(key)
+        counts[sample(logits, s, [draw]).item()] += 1
+    expected = np.zeros(6)
+    expected[[1, 4]] = np.exp(np.array([2.0, 1.5]) / 0.7)
+    assert np.abs(counts / counts.sum() - expected / expected.sum()).max() < 0.03
+    wide = mx.random.normal((4, 5000), key=mx.random.key(2))
+    keys = [new_key(seed) for seed in range(4)]
+    s = SamplingSettings(temperature=1.0, top_k=50)
+    assert sample(wide, s, keys).tolist() == [sample(wide[i : i + 1], s, [keys[i]]).item() for i in range(4)]
+
+
+def test_the_cpu_top_k_is_mlxs_argpartition_with_ties_and_nan():
+    ext = cpu_kernel.extension()
+    if ext is None:
+        pytest.skip("the CPU extension is not built here; sampling uses mx.argpartition")
+    x = mx.random.normal((5, 3000), key=mx.random.key(3))
+    for k in (1, 50, 3000):
+        ours = np.sort(np.array(ext.top_k(x, k, stream=mx.cpu)), axis=-1)
+        theirs = np.sort(np.array(mx.argpartition(-x, kth=k - 1, axis=-1)[:, :k]), axis=-1)
+        assert np.array_equal(ours, theirs)
+    ties = mx.array([[1.0, 3.0, 3.0, float("nan"), 3.0, 0.0]])
+    assert ext.top_k(ties, 2, stream=mx.cpu).tolist() == [[1, 2]]  # the first of equal values
+    assert ext.top_k(ties, 6, stream=mx.cpu).tolist() == [[0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="1 <= k"):
+        ext.top_k(ties, 7, stream=mx.cpu)
 
 
 def test_generation_config_gives_the_defaults_it_can(tmp_path):

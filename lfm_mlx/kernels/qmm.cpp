@@ -9,8 +9,8 @@
 //     multiplied with the packed weights as integers (Intel AMX tiles, AVX-512 VNNI / AVX-VNNI dpbusd,
 //     AVX2 maddubs, or plain C++), as llama.cpp's q4 x q8 does with one digit:
 //     sum_g scale_g * sum_blocks d (q_w . q_x) + bias_g * sum_g d q_x.
-// It also holds a vectorized SiLU, the attention of decoding rows (one query per sequence) and the
-// causal softmax of prompt chunks' attention.
+// It also holds a vectorized SiLU, the attention of decoding rows (one query per sequence), the
+// causal softmax of prompt chunks' attention and the top-k of sampling.
 // Output rows are shared out among a small thread pool that sleeps instead of spinning, in chunks
 // claimed one at a time: a thread the OS takes away holds back one chunk, not a fixed share.
 
@@ -434,6 +434,7 @@ void configure_tiles(int R) {
 // acc[r] += (128 c1[r] + c2[r]) * scale * d[r]: one block's integer dots into the float sums.
 template <int R>
 inline void add_block(__m512* acc, const int32_t* c1, const int32_t* c2, __m512 scale, const float* d, int blocks) {
+#pragma GCC unroll 16  // the sums stay in registers
   for (int r = 0; r < R; r++) {
     const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c1 + r * 16), 7),
                                          _mm512_load_si512(c2 + r * 16));
@@ -456,6 +457,7 @@ void amx_tile(const int8_t* a, const uint8_t* b, const float* d, const float* sc
   for (int r = 0; r < R; r++) acc[r] = kb0 ? _mm512_load_ps(partial + r * 16) : _mm512_setzero_ps();
   b -= kb0 * b_block;
   int kb = kb0;
+  auto group = [=](int block) { return blocks_per_group == 1 ? block : block / blocks_per_group; };  // no idiv
   if constexpr (R <= 8) {
     for (; kb + 2 <= kb1; kb += 2) {
       _tile_zero(0);
@@ -467,9 +469,9 @@ void amx_tile(const int8_t* a, const uint8_t* b, const float* d, const float* sc
       _tile_loadd(5, b + (kb + 1) * b_block, 64);
       _tile_dpbsud(3, 4, 5);
       _tile_stored(0, c[0], 64);
-      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + group(kb) * 16), d + kb, blocks);
       _tile_stored(3, c[1], 64);
-      add_block<R>(acc, c[1], c[1] + R * 16, _mm512_load_ps(scales_t + (kb + 1) / blocks_per_group * 16),
+      add_block<R>(acc, c[1], c[1] + R * 16, _mm512_load_ps(scales_t + group(kb + 1) * 16),
                    d + kb + 1, blocks);
     }
     for (; kb < kb1; kb++) {
@@ -478,7 +480,7 @@ void amx_tile(const int8_t* a, const uint8_t* b, const float* d, const float* sc
       _tile_loadd(2, b + kb * b_block, 64);
       _tile_dpbsud(0, 1, 2);
       _tile_stored(0, c[0], 64);
-      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+      add_block<R>(acc, c[0], c[0] + R * 16, _mm512_load_ps(scales_t + group(kb) * 16), d + kb, blocks);
     }
   } else {
     for (; kb < kb1; kb++) {
@@ -491,7 +493,7 @@ void amx_tile(const int8_t* a, const uint8_t* b, const float* d, const float* sc
       _tile_dpbsud(1, 3, 4);
       _tile_stored(0, c[0], 64);
       _tile_stored(1, c[1], 64);
-      add_block<R>(acc, c[0], c[1], _mm512_load_ps(scales_t + kb / blocks_per_group * 16), d + kb, blocks);
+      add_block<R>(acc, c[0], c[1], _mm512_load_ps(scales_t + group(kb) * 16), d + kb, blocks);
     }
   }
   if (kb1 < blocks) {
@@ -641,9 +643,11 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
     float* scales_t = reinterpret_cast<float*>(b + (size_t)K * 16);
     float* biases_t = scales_t + (size_t)G * 16;
     alignas(64) float partial[16 * 16];
-    // One tile of x: the weights' tiles a range of blocks at a time (16 KB, in L1 while used); more
-    // tiles of x: all blocks, each tile reused by every tile of x.
-    const int range = tiles_m == 1 ? 16 : blocks;
+    // One tile of x: the weights' tiles a range of blocks at a time (16 KB, in L1 while used; 4 KB
+    // beside 16 rows, whose digits fill most of L1); more tiles of x: all blocks, each tile reused by
+    // every tile of x.
+    const bool few_rows = M <= 8;
+    const int range = tiles_m > 1 ? blocks : few_rows ? 16 : 4;
     for (int t = t0; t < t1; t++) {
       const int n0 = t * 16;
       for (int g = 0; g < G; g += 16) {
@@ -655,11 +659,16 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
         for (int c = kb0 * BITS / 4; c < kb1 * BITS / 4; c++) {  // 32 bytes: a block at 4 bits, half of one at 8
           weight_chunk<BITS>(w + n0 * row_bytes + c * 32, row_bytes, b + (long)(c - kb0 * BITS / 4) * (8 / BITS) * 8 * 64);
           // What comes next (these rows' next range of blocks, or the next 16 rows' first), a cache line
-          // of each row at a time: 16 streams are more than the hardware's prefetcher keeps ahead of.
+          // of each row at a time into L2: 16 streams are more than the hardware's prefetcher keeps
+          // ahead of, and in L1 (but beside a few rows) they would push out the digits of x.
           const long ahead = kb1 < blocks ? n0 * row_bytes + (c + (kb1 - kb0) * BITS / 4) * 32
                                           : (n0 + 16) * row_bytes + (c - kb0 * BITS / 4) * 32;
-          if (c % 2 == 0 && (kb1 < blocks || t + 1 < t1))  // (a prefetch past the end does no harm)
-            for (int i = 0; i < 16; i++) _mm_prefetch((const char*)(w + ahead + i * row_bytes), _MM_HINT_T0);
+          if (c % 2 == 0 && (kb1 < blocks || t + 1 < t1)) {  // (a prefetch past the end does no harm)
+            for (int i = 0; i < 16; i++) {
+              const char* line = (const char*)(w + ahead + i * row_bytes);
+              few_rows ? _mm_prefetch(line, _MM_HINT_T0) : _mm_prefetch(line, _MM_HINT_T1);
+            }
+          }
         }
         for (int tm = 0; tm < tiles_m; tm++) {
           const int8_t* at = a.data() + (size_t)tm * blocks * 2 * 16 * BLOCK;
@@ -1135,6 +1144,67 @@ mx::array causal_softmax(const mx::array& scores, float scale, int offset, mx::S
   return mx::array(scores.shape(), mx::float32, std::make_shared<CausalSoftmax>(stream, scale, offset), {scores});
 }
 
+// ----------------------------------------------------------------------------------------------
+// The indices of each row's k largest values (in index order), for top-k sampling: MLX's CPU
+// argpartition over a 65k vocabulary costs ~0.5 ms a row, a twentieth of a 16-row decode step.
+
+class TopK : public mx::UnaryPrimitive {
+ public:
+  TopK(mx::Stream stream, int k) : mx::UnaryPrimitive(stream), k_(k) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& x = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    encoder.dispatch([x, y = out.data<uint32_t>(), k = k_]() {
+      RowMajor<float> xs(x);
+      const int V = x.shape(-1), rows = static_cast<int>(x.size() / V);
+      auto row = [&](int r) {
+        const float* in = xs.data + (long)r * V;
+        uint32_t* o = y + (long)r * k;
+        std::vector<float> copy(in, in + V);
+        for (float& v : copy) v = std::isnan(v) ? -INFINITY : v;
+        std::nth_element(copy.begin(), copy.begin() + (k - 1), copy.end(), std::greater<float>());
+        const float kth = copy[k - 1];
+        int n = 0;
+        for (int j = 0; j < V; j++)  // fewer than k lie above the k-th; then its ties, first ones first
+          if (in[j] > kth) o[n++] = j;
+        for (int j = 0; j < V && n < k; j++)
+          if (in[j] == kth || (std::isnan(in[j]) && kth == -INFINITY)) o[n++] = j;
+        std::sort(o, o + k);
+      };
+      Pool::get().run(rows, row);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lfm_mlx's top_k runs on the CPU only; use mx.argpartition on a GPU");
+  }
+
+  const char* name() const override { return "LfmTopK"; }
+  bool is_equivalent(const mx::Primitive& other) const override { return k_ == static_cast<const TopK&>(other).k_; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = k_;
+    return {shape};
+  }
+
+ private:
+  int k_;
+};
+
+mx::array top_k(const mx::array& x, int k, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu || x.dtype() != mx::float32 || x.ndim() < 1 || k < 1 || k > x.shape(-1))
+    throw std::invalid_argument("top_k: float32 rows on a CPU stream and 1 <= k <= their length");
+  auto shape = x.shape();
+  shape.back() = k;
+  return mx::array(shape, mx::uint32, std::make_shared<TopK>(stream, k), {x});
+}
+
 void check_weights(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
                    int bits, int K) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("bits must be 4 or 8");
@@ -1192,6 +1262,8 @@ NB_MODULE(_qmm, m) {
         "softmax(q K^T * scale) V for one query row per sequence, each against its own keys and values.");
   m.def("causal_softmax", &causal_softmax, "scores"_a, "scale"_a, "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
         "softmax(scores * scale) over the last axis, row i of the axis before seeing keys 0 .. offset + i.");
+  m.def("top_k", &top_k, "x"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "The indices of the k largest values of each row of float32 x, in index order (NaN counts as -inf).");
   m.def("int8_supported", &int8_supported, "bits"_a, "K"_a, "group_size"_a,
         "Whether int8 activations apply to this shape (else the float kernel runs).");
   m.def("threads", [] { return Pool::get().size(); }, "Threads that share each product.");
