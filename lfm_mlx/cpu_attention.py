@@ -65,7 +65,7 @@ class CPUAttention(Attention):
             k, v = cache.update_and_fetch(k, v)
         B, H, L, D = q.shape
         kv_heads, S = k.shape[1], k.shape[2]
-        keys_t, values = k[:, :, None].swapaxes(-1, -2), v[:, :, None]  # [B, kv heads, 1, ...]: GQA by broadcast
+        keys_t, values = k[:, :, None].swapaxes(-1, -2), v[:, :, None]  # [B, kv heads, 1, ...]: GQA broadcasts
         step = max(1, SCORES_PER_BLOCK // (B * H * S))
         outs = []
         for start in range(0, L, step):

@@ -148,12 +148,13 @@ def sample(logits: mx.array, s: SamplingSettings, keys: Optional[list] = None) -
     distribution without a 65k-wide exp and noise per token (a third of a 16-row CPU step)."""
     if s.greedy:
         return mx.argmax(logits, axis=-1)
-    keep_all = s.top_p >= 1.0
-    if keep_all and 0 < s.top_k < logits.shape[-1]:
+    if s.top_p >= 1.0 and 0 < s.top_k < logits.shape[-1]:
         best = _best(logits, s.top_k)
-        choice = _gumbel_max(filter_logprobs(mx.take_along_axis(logits, best, axis=-1), s.updated(top_k=0)), s, keys)
-        return mx.take_along_axis(best, choice[:, None], axis=-1)[:, 0]
-    return _gumbel_max(filter_logprobs(logits if keep_all else logits - mx.logsumexp(logits, axis=-1, keepdims=True), s), s, keys)
+        kept = filter_logprobs(mx.take_along_axis(logits, best, axis=-1), s.updated(top_k=0))
+        return mx.take_along_axis(best, _gumbel_max(kept, s, keys)[:, None], axis=-1)[:, 0]
+    if s.top_p < 1.0:
+        logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return _gumbel_max(filter_logprobs(logits, s), s, keys)
 
 
 def _best(logits: mx.array, k: int) -> mx.array:
