@@ -129,8 +129,9 @@ def test_causal_softmax_equals_mlx_softmax_under_the_mask():
         visible = mx.arange(37)[:, None] + offset >= mx.arange(61)[None]
         ref = mx.softmax(mx.where(visible, scores * 0.7, -mx.inf), axis=-1)
         assert relative_error(ours, ref) < 1e-6 and mx.all(mx.where(visible, 0, ours) == 0).item()
-    with pytest.raises(ValueError, match="offset >= 0"):
-        cpu_kernel.extension().causal_softmax(scores, 0.7, -1, stream=mx.cpu)
+    for scale, offset in ((0.7, -1), (-0.7, 0)):
+        with pytest.raises(ValueError, match="scale > 0, offset >= 0"):
+            cpu_kernel.extension().causal_softmax(scores, scale, offset, stream=mx.cpu)
 
 
 def test_prompt_chunks_attention_equals_the_models_own(tiny, monkeypatch):

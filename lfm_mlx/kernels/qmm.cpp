@@ -1139,8 +1139,9 @@ class CausalSoftmax : public mx::UnaryPrimitive {
 
 mx::array causal_softmax(const mx::array& scores, float scale, int offset, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu || scores.dtype() != mx::float32 || scores.ndim() < 2 || offset < 0)
-    throw std::invalid_argument("causal_softmax: float32 scores [..., L, S] on a CPU stream, offset >= 0");
+  if (stream.device != mx::Device::cpu || scores.dtype() != mx::float32 || scores.ndim() < 2 || offset < 0 ||
+      !(scale > 0))
+    throw std::invalid_argument("causal_softmax: float32 scores [..., L, S] on a CPU stream, scale > 0, offset >= 0");
   return mx::array(scores.shape(), mx::float32, std::make_shared<CausalSoftmax>(stream, scale, offset), {scores});
 }
 
