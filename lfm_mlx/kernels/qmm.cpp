@@ -69,10 +69,11 @@ class Pool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // fn(i) for every i in [0, n), on the workers and the calling thread.
-  void run(int n, const std::function<void(int)>& fn) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (workers_.empty() || n < 2 || !busy.owns_lock()) {
+  // fn(i) for every i in [0, n), on the workers and the calling thread (only the calling thread when
+  // the work is too small to be worth waking them: share = false).
+  void run(int n, const std::function<void(int)>& fn, bool share = true) {
+    std::unique_lock<std::mutex> busy(busy_, std::defer_lock);
+    if (workers_.empty() || n < 2 || !share || !busy.try_lock()) {
       for (int i = 0; i < n; i++) fn(i);
       return;
     }
@@ -880,6 +881,16 @@ class Dequantize : public mx::Primitive {
   int group_size_, bits_;
 };
 
+// The output allocated, and input and output registered with the stream's CPU encoder, which the
+// one-input primitives below then dispatch their work on.
+mx::cpu::CommandEncoder& unary_encoder(mx::Stream stream, const mx::array& x, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  return encoder;
+}
+
 // SiLU, x / (1 + e^-x), vectorized: MLX's CPU exp is a scalar loop (~11 ns per value on x86-64), which
 // made the MLP's activation a fifth of a 512-token prefill.
 inline f8 exp8(f8 x) {
@@ -907,10 +918,7 @@ class Silu : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = unary_encoder(stream(), x, out);
     encoder.dispatch([x, y = out.data<float>(), size = (long)out.size()]() {
       RowMajor<float> xs(x);
       const long chunk = 1 << 14, head = size / 8 * 8;
@@ -921,11 +929,7 @@ class Silu : public mx::UnaryPrimitive {
         }
       };
       const int parts = static_cast<int>((head + chunk - 1) / chunk);
-      if (size < (1L << 16)) {
-        for (int i = 0; i < parts; i++) part(i);
-      } else {
-        Pool::get().run(parts, part);
-      }
+      Pool::get().run(parts, part, size >= (1L << 16));
       for (long k = head; k < size; k++) y[k] = xs.data[k] / (1.f + std::exp(-xs.data[k]));
     });
   }
@@ -1017,11 +1021,7 @@ class DecodeAttention : public mx::Primitive {
           }
         }
       };
-      if (work < (1L << 16)) {
-        for (int t = 0; t < B * Hkv; t++) head(t);
-      } else {
-        Pool::get().run(B * Hkv, head);
-      }
+      Pool::get().run(B * Hkv, head, work >= (1L << 16));
     });
   }
 
@@ -1074,10 +1074,7 @@ class CausalSoftmax : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = unary_encoder(stream(), x, out);
     encoder.dispatch([x, y = out.data<float>(), scale = scale_, offset = offset_]() {
       RowMajor<float> xs(x);
       const int S = x.shape(-1), L = x.shape(-2);
@@ -1111,11 +1108,7 @@ class CausalSoftmax : public mx::UnaryPrimitive {
       auto part = [&](int i) {
         for (long r = i * per_part; r < std::min(rows, (i + 1) * per_part); r++) row(r);
       };
-      if ((long)x.size() < (1L << 16)) {
-        for (int i = 0; i < parts; i++) part(i);
-      } else {
-        Pool::get().run(parts, part);
-      }
+      Pool::get().run(parts, part, (long)x.size() >= (1L << 16));
     });
   }
 
@@ -1155,10 +1148,7 @@ class TopK : public mx::UnaryPrimitive {
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_output_array(out);
+    auto& encoder = unary_encoder(stream(), x, out);
     encoder.dispatch([x, y = out.data<uint32_t>(), k = k_]() {
       RowMajor<float> xs(x);
       const int V = x.shape(-1), rows = static_cast<int>(x.size() / V);
