@@ -361,6 +361,9 @@ def test_the_model_tab_loads_another_model_and_chat_runs_on_it(page, tiny_checkp
         page.wait_for_selector(f"#model-status :text('{outcome}')", timeout=180_000)
 
     load(str(tiny_checkpoint), "✓ Loaded")
+    # The panel comes in the same update as the status line, but the page may render it a moment later.
+    page.wait_for_function("(path) => document.querySelector('#model-panel').innerText.includes(path)",
+                           arg=str(tiny_checkpoint))
     assert str(tiny_checkpoint) in page.inner_text("#model-panel") and not page.is_visible("#demo-banner")
     page.get_by_role("tab", name="Chat").click()
     before = page.evaluate(f"""() => {{
