@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from lfm_mlx.api import Limits
+    from lfm_mlx.process import settle_for_serving
     from lfm_mlx.server import Server, create_app
 
     from .ui import build
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
         return 2
     print(f"Chat and extraction: http://{args.host}:{args.port}/ · OpenAI-compatible API: "
           f"http://{args.host}:{args.port}/v1", flush=True)
+    settle_for_serving()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

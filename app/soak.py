@@ -267,9 +267,20 @@ def report(records: list, alone: dict[str, list[float]], memory: list[tuple[floa
               f"resident memory (MB): start {rss[0]:.0f}, peak {max(rss):.0f}, end {rss[-1]:.0f}; "
               f"mean of the first third {statistics.mean(rss[:third]):.0f}, of the last third "
               f"{statistics.mean(rss[-third:]):.0f}" if rss else "resident memory: not measured",
+              by_minute(memory),
               f"stuck clients: {sum(r['outcome'] == 'STUCK' for r in records)}; app crashed: {crashed}; "
               f"still answering at the end: {answering}"]
     return "\n".join(lines)
+
+
+def by_minute(memory: list[tuple[float, float]]) -> str:
+    """The largest resident size in each minute of the soak: a plateau is flat memory, a climb is a leak."""
+    if not memory:
+        return ""
+    start, peaks = memory[0][0], defaultdict(float)
+    for t, mb in memory:
+        peaks[int((t - start) // 60)] = max(peaks[int((t - start) // 60)], mb)
+    return "resident memory by minute (MB, peak of each): " + " ".join(f"{peaks[m]:.0f}" for m in sorted(peaks))
 
 
 def main(argv: Optional[list] = None) -> int:

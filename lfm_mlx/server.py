@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from typing import Any, AsyncIterator, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -214,15 +214,16 @@ def _sse(data: dict) -> str:
 def add_routes(app: FastAPI, server: Server) -> None:
     """The OpenAI routes, /health, OpenAI-style errors, and the API key check, on ``app``."""
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
+    async def authorize(request: Request) -> None:
+        """The key, on every /v1 route: a dependency of theirs rather than an HTTP middleware, which
+        would wrap every streamed chunk of every route (the app's Gradio routes too) in a task of its own."""
+        if server.api_key:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                error = APIError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                                 status=401, code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+                raise APIError("Incorrect or missing API key: send 'Authorization: Bearer <key>'.", status=401,
+                               code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -240,22 +241,24 @@ def add_routes(app: FastAPI, server: Server) -> None:
         return JSONResponse(APIError(f"internal error: {type(error).__name__}", 500, kind="server_error").body(),
                             status_code=500)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         return await server.run(request, "chat")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         return await server.run(request, "completion")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return server.models()
 
-    @app.get("/v1/models/{name:path}")
+    @v1.get("/models/{name:path}")
     async def model(name: str):
         server.check_model(name)
         return server.models()["data"][0]
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health():
@@ -310,6 +313,7 @@ def main(argv=None) -> int:
 
     from .resolve import resolve_model
     from .loading import load
+    from .process import settle_for_serving
     from .sample import read_generation_config
 
     try:
@@ -325,6 +329,7 @@ def main(argv=None) -> int:
     server = Server(engine, choice.name, limits=limits, api_key=args.api_key, max_queue=args.max_queue,
                     kv_bits=args.kv_bits, aliases=(str(choice.path),))
     engine.start()
+    settle_for_serving()
     print(f"Serving {choice.name}{' (DEMO: random weights)' if choice.demo else ''} at "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     try:

@@ -587,3 +587,11 @@ def test_the_app_log_holds_no_traceback_after_user_errors(app_url):
     """Runs after every test above has sent the app bad input: refusals are one line at most."""
     log = Path(_APP["log"]).read_text()
     assert "Traceback" not in log, log[-5000:]
+
+
+def test_the_soak_reports_the_peak_memory_of_each_minute():
+    from app.soak import by_minute
+
+    samples = [(100.0, 400.0), (130.0, 450.0), (161.0, 500.0), (219.0, 480.0), (230.0, 470.0)]
+    assert by_minute(samples) == "resident memory by minute (MB, peak of each): 450 500 470"
+    assert by_minute([]) == ""

@@ -295,6 +295,25 @@ def test_api_key_guards_every_v1_route_but_not_health(tiny):
             chat(openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0), "hi")
 
 
+def test_api_key_errors_are_openai_errors_on_every_v1_route(tiny):
+    model, tok = tiny
+    with serving(model, tok, api_key="sesame") as (url, _):
+        for method, path in [("GET", "/v1/models/tiny"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]:
+            r = httpx.request(method, url + path, json={"prompt": "hi"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+
+
+def test_a_serving_process_settles_blas_threads_and_the_collector():
+    """In a process of its own: one BLAS thread where OpenBLAS is loaded (CI preloads it), none to set
+    where it is not; the objects loaded so far frozen out of full collections."""
+    code = ("import ctypes, gc; from lfm_mlx.process import one_blas_thread, settle_for_serving\n"
+            "try:\n    get = ctypes.CDLL(None).openblas_get_num_threads\nexcept AttributeError:\n    get = None\n"
+            "settle_for_serving()\n"
+            "print(get() if get else 'none', one_blas_thread(), gc.get_freeze_count() > 1000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out in (["1", "True", "True"], ["none", "False", "True"]), out
+
+
 def test_the_command_line_serves_on_loopback(tiny_checkpoint, tmp_path):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "lfm_mlx.server", "--model", str(tiny_checkpoint),
