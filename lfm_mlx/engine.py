@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 from .cache import PrefixCache, PromptCache, batch_rows, cache_arrays
-from .sample import SamplingSettings, build_processors, new_key, sample, split_key
+from .sample import SamplingSettings, build_processors, new_key, repeat_penalty, sample, split_key
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_PREFILL_STEP = 512  # prompt tokens per step while nothing else runs
@@ -180,6 +180,9 @@ class _Row:
         self.checkpoints = sorted({p for p in (*request.checkpoints, len(self.prompt) - 1)
                                    if self.cached < p <= len(self.prompt)})
         self.processors = build_processors(request.sampling, request.logits_processors)
+        penalty, context = request.sampling.repetition_penalty, request.sampling.repetition_context_size
+        self.repetition = penalty if penalty != 1.0 else None  # applied to all rows of a step at once
+        self.recent = deque(self.prompt[-context:], maxlen=context) if self.repetition else None
         # A constraint that can name the tokens it forces; not when every token's logprob is asked for.
         self.constraint = None if request.logprobs is not None or not engine.fast_forward else next(
             (p for p in request.logits_processors if hasattr(p, "fast_forward")), None)
@@ -540,6 +543,9 @@ class Engine:
             choices = []
             for j in range(count):
                 position_logits = row_logits[j : j + 1]
+                if row.repetition:
+                    recent = (list(row.recent) + row.drafts[:j])[-row.recent.maxlen :]
+                    position_logits = repeat_penalty(position_logits, [recent], [row.repetition])
                 history = mx.concatenate([row.history, mx.array(row.drafts[:j], mx.uint32)]) if j else row.history
                 for p in row.processors:
                     position_logits = (row.constraint.masked_at(position_logits, j) if p is row.constraint
@@ -692,6 +698,8 @@ class Engine:
             row.written += text
         if row.history is not None and not finish:
             row.history = mx.concatenate([row.history, mx.array([token])])
+        if row.recent is not None and not finish:
+            row.recent.append(token)
         n = row.text.count
         prompt_s = max(row.first_token_at - row.admitted_at, 1e-9)
         decode_s = now - row.first_token_at
@@ -717,6 +725,9 @@ class Engine:
         if len(alive) < logits.shape[0]:
             logits = logits[mx.array(alive)]
         raw = logits
+        if any(r.repetition for r in rows):
+            logits = repeat_penalty(logits, [r.recent if r.repetition else () for r in rows],
+                                    [r.repetition or 1.0 for r in rows])
         if any(r.processors for r in rows):
             mx.async_eval(logits)  # the forward pass runs while the processors (e.g. a grammar) work
             processed = []

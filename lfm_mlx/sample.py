@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
@@ -111,14 +111,27 @@ def read_generation_config(model_path: Path) -> SamplingSettings:
 
 
 def build_processors(s: SamplingSettings, extra: Optional[list] = None) -> list:
-    """Penalties first, then the caller's processors (a grammar mask must have the last word)."""
+    """The additive penalties, then the caller's processors (a grammar mask must have the last word).
+    The repetition penalty comes before them all, for every row of a step at once: ``repeat_penalty``."""
     processors = make_logits_processors(
-        repetition_penalty=s.repetition_penalty if s.repetition_penalty != 1.0 else None,
-        repetition_context_size=s.repetition_context_size,
         presence_penalty=s.presence_penalty or None, presence_context_size=s.repetition_context_size,
         frequency_penalty=s.frequency_penalty or None, frequency_context_size=s.repetition_context_size,
     )
     return processors + list(extra or [])
+
+
+def repeat_penalty(logits: mx.array, recent: list[Sequence[int]], penalties: list[float]) -> mx.array:
+    """mlx-lm's repetition penalty (``make_repetition_penalty``) for many rows in one gather and one
+    scatter: row i's logits at the tokens ``recent[i]`` are divided by ``penalties[i]`` (multiplied
+    where negative). Rows are padded with their own last token: a repeated index writes the same value."""
+    width = max(map(len, recent))
+    if width == 0:
+        return logits
+    index = mx.array([list(r) + [r[-1]] * (width - len(r)) if r else [0] * width for r in recent], mx.int32)
+    penalty = mx.array([p if r else 1.0 for r, p in zip(recent, penalties)], logits.dtype)[:, None]
+    selected = mx.take_along_axis(logits, index, axis=-1)
+    selected = mx.where(selected < 0, selected * penalty, selected / penalty)
+    return mx.put_along_axis(logits, index, selected, axis=-1)
 
 
 def filter_logprobs(logprobs: mx.array, s: SamplingSettings) -> mx.array:

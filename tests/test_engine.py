@@ -48,6 +48,34 @@ def test_rows_joining_at_different_steps_equal_each_prompt_alone(tiny):
     assert len({tuple(t) for t in together}) == len(requests)
 
 
+def test_rows_with_repetition_penalties_equal_a_plain_loop_with_mlx_lms_processor(tiny):
+    """The engine applies every row's penalty in one gather and scatter: each row's tokens are those of
+    a one-sequence loop that calls mlx-lm's processor over the prompt and the reply so far."""
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    from lfm_mlx.cache import make_cache
+
+    model, tok = tiny
+    settings = [SamplingSettings(temperature=0.0, repetition_penalty=p, repetition_context_size=c)
+                for p, c in ((1.5, 64), (1.0, 64), (3.0, 8), (0.5, 16))]
+
+    def plain(prompt: list[int], s: SamplingSettings, n: int) -> list[int]:
+        cache, tokens, out = make_cache(model), list(prompt), []
+        penalize, keep_going = make_repetition_penalty(s.repetition_penalty, s.repetition_context_size), ban(EOS)
+        logits = model(mx.array([prompt]), cache=cache)[:, -1]
+        for _ in range(n):
+            token = mx.argmax(keep_going(None, penalize(mx.array(tokens), logits)), axis=-1).item()
+            out.append(token)
+            tokens.append(token)
+            logits = model(mx.array([[token]]), cache=cache)[:, -1]
+        return out
+
+    ps = prompts(4, seed=5)
+    requests = [Request(p, max_tokens=20, sampling=s, logits_processors=[ban(EOS)]) for p, s in zip(ps, settings)]
+    together = staggered(Engine(model, tok, max_batch=4, interleave_tokens=16), requests, [0, 2, 0, 3])
+    assert together == [plain(p, s, 20) for p, s in zip(ps, settings)]
+
+
 @pytest.mark.parametrize("cache_options", [dict(max_kv_size=48), dict(kv_bits=8), dict(max_kv_size=40, kv_bits=4)])
 def test_rows_with_their_own_windows_and_kv_bits_equal_each_alone(tiny, cache_options):
     model, tok = tiny

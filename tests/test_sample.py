@@ -9,11 +9,12 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
 from lfm_mlx import cpu_kernel
 from lfm_mlx.sample import (
-    LIQUID_DEFAULTS, SamplingSettings, filter_logprobs, new_key, read_generation_config, sample, split_key)
+    LIQUID_DEFAULTS, SamplingSettings, filter_logprobs, new_key, read_generation_config, repeat_penalty, sample,
+    split_key)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -54,6 +55,17 @@ def test_filters_equal_mlx_lms():
             expected = apply_top_k(expected, top_k)
         ours = filter_logprobs(logprobs, SamplingSettings(top_p=top_p, min_p=min_p, top_k=top_k))
         assert np.array_equal(np.isfinite(np.array(ours)), np.isfinite(np.array(expected))), (top_p, min_p, top_k)
+
+
+def test_the_repetition_penalty_of_many_rows_equals_mlx_lms_row_by_row():
+    logits = mx.random.normal((4, 300), key=mx.random.key(1)) * 3
+    recent = [[5, 9, 5, 200, 9], [7], [], [299, 0, 12, 12, 12, 40, 41]]  # repeats, one token, none
+    penalties = [1.5, 0.7, 2.0, 1.05]
+    ours = repeat_penalty(logits, recent, penalties)
+    for i, (tokens, penalty) in enumerate(zip(recent, penalties)):
+        expected = make_repetition_penalty(penalty, 64)(mx.array(tokens, mx.int32), logits[i : i + 1])
+        assert np.array_equal(np.array(ours[i : i + 1]), np.array(expected)), i
+    assert repeat_penalty(logits, [[], []], [1.5, 1.5]) is logits
 
 
 def test_a_row_draws_from_its_own_key_whatever_rows_are_beside_it():
