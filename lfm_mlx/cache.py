@@ -334,6 +334,7 @@ class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
+        self.inserts = 0  # entries stored so far: whether a lookup could find more than last time
         self._entries: OrderedDict[int, tuple[np.ndarray, PromptCache, int]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -374,6 +375,7 @@ class PrefixCache:
             return
         self._entries[id(cache)] = (ids, cache, size)
         self.nbytes += size
+        self.inserts += 1
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self._entries)))
 

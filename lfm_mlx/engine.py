@@ -172,13 +172,10 @@ class _Row:
 
     def __init__(self, engine: "Engine", gen: Generation, cache: PromptCache):
         request = gen.request
-        self.gen, self.request, self.cache = gen, request, cache
+        self.gen, self.request = gen, request
         self.prompt = list(request.prompt)
-        self.cached = cache.reuse(self.prompt)
-        self.fed = self.cached  # prompt tokens the cache holds
-        # Always just before the last prompt token too: what a regenerated reply starts from.
-        self.checkpoints = sorted({p for p in (*request.checkpoints, len(self.prompt) - 1)
-                                   if self.cached < p <= len(self.prompt)})
+        self.adopt(cache)
+        self.prefixes_seen = engine.prefix_cache.inserts if engine.prefix_cache else 0
         self.processors = build_processors(request.sampling, request.logits_processors)
         penalty, context = request.sampling.repetition_penalty, request.sampling.repetition_context_size
         self.repetition = penalty if penalty != 1.0 else None  # applied to all rows of a step at once
@@ -202,6 +199,15 @@ class _Row:
         self.text = ReplyText(engine.tokenizer, request.stop, engine.eos, request.max_tokens)
         self.admitted_at = time.perf_counter()
         self.first_token_at: Optional[float] = None
+
+    def adopt(self, cache: PromptCache) -> None:
+        """Start from ``cache``, at its longest prefix of the prompt that can be reused."""
+        self.cache = cache
+        self.cached = cache.reuse(self.prompt)
+        self.fed = self.cached  # prompt tokens the cache holds
+        # Always just before the last prompt token too: what a regenerated reply starts from.
+        self.checkpoints = sorted({p for p in (*self.request.checkpoints, len(self.prompt) - 1)
+                                   if self.cached < p <= len(self.prompt)})
 
     @property
     def prompt_left(self) -> int:
@@ -603,6 +609,17 @@ class Engine:
         reused = self.prefix_cache.lookup(request.prompt, settings) if self.prefix_cache else None
         return reused or PromptCache(self.model, **settings)
 
+    def _look_again(self, row: _Row) -> None:
+        """A row that has not started its prompt takes a longer prefix stored since it was admitted
+        (requests that arrive together with the same system prompt and schema read it once)."""
+        if (self.prefix_cache is None or row.request.prompt_cache is not None or row.fed > row.cached
+                or row.prefixes_seen == self.prefix_cache.inserts):
+            return
+        row.prefixes_seen = self.prefix_cache.inserts
+        reused = self.prefix_cache.lookup(row.prompt, row.cache.settings)
+        if reused is not None and len(reused.tokens) > row.cached:
+            row.adopt(reused)
+
     def _plan_prefill(self, decoding: bool) -> list[tuple[_Row, int]]:
         """Prompt chunks for this step: shortest remaining prompt first, within the step's budget."""
         budget = self.interleave_tokens if decoding else self.prefill_step_size
@@ -610,6 +627,7 @@ class Engine:
         for row in sorted((r for r in self.running if r.prompt_left), key=lambda r: r.prompt_left):
             if budget <= 0:
                 break
+            self._look_again(row)
             n = min(row.prompt_left, budget, row.chunk_limit())
             plan.append((row, n))
             budget -= n
@@ -662,6 +680,9 @@ class Engine:
         for p in row.checkpoints:
             if row.fed - n < p <= row.fed:
                 row.cache.take_snapshot(at=p)
+                if p in row.request.checkpoints and self.prefix_cache is not None and \
+                        row.request.prompt_cache is None and not row.cache.rolled:
+                    self.prefix_cache.insert(row.cache.branch(p))  # for rows that have not started yet
         for c in row.cache.layers:
             if hasattr(c, "keep_window"):
                 c.keep_window, c.window = False, None

@@ -179,6 +179,23 @@ def test_prefix_cache_reuses_a_shared_prefix_at_a_snapshot_and_changes_nothing(t
     assert again[-1].cached_tokens == len(second) - 1  # the snapshot before its last prompt token
 
 
+def test_requests_arriving_together_read_their_shared_prefix_once(tiny):
+    """The first row to pass a message boundary stores its state there; rows that have not started their
+    prompt take it (cached_tokens), and each reply is still the one its prompt gets alone."""
+    model, tok = tiny
+    shared = (prompts(1, seed=10)[0] * 3)[:60]
+    tails = [[31, 32], [41, 42, 43, 44], [51, 52, 53, 54, 55, 56]]
+    requests = [Request(shared + t, max_tokens=6, sampling=GREEDY, logits_processors=[ban(EOS)],
+                        checkpoints=[len(shared)]) for t in tails]
+    engine = Engine(model, tok, max_batch=3, prefill_step_size=61, prefix_cache_bytes=64 << 20)
+    generations = [engine.submit(r) for r in requests]
+    replies = [list(g) for g in generations]
+    assert [r[-1].cached_tokens for r in replies] == [0, len(shared), len(shared)]
+    assert [[r.token for r in reply] for reply in replies] == [
+        alone(model, tok, Request(r.prompt, max_tokens=6, sampling=GREEDY, logits_processors=[ban(EOS)]))
+        for r in requests]
+
+
 def test_prefix_cache_stays_within_its_byte_budget(tiny):
     model, tok = tiny
     engine = Engine(model, tok, prefix_cache_bytes=2 << 20)
