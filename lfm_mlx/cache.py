@@ -323,8 +323,9 @@ def batch_rows(row_layers: Sequence[list], lengths: Sequence[int]) -> list:
 
 
 class PrefixCache:
-    """States of finished requests, kept so that later requests starting with the same tokens (a
-    system prompt, the earlier turns of a conversation) skip prefilling them.
+    """States of finished requests (and of running ones at message boundaries), kept so that later
+    requests starting with the same tokens (a system prompt, the earlier turns of a conversation) skip
+    prefilling them.
 
     Reuse ends at a snapshot, since a conv state cannot be trimmed: the engine snapshots at message
     boundaries and at the end of each prompt. Entries are never written again once stored (a reuse

@@ -282,7 +282,7 @@ class Engine:
     """Continuous batching over one model. ``max_batch`` rows run at once (the rest wait in order);
     a step feeds at most ``prefill_step_size`` prompt tokens when no row is decoding, and
     ``interleave_tokens`` beside decoding rows. ``prefix_cache_bytes`` > 0 keeps finished requests'
-    states for reuse by later requests sharing their prefix."""
+    states, and running ones' at message boundaries, for reuse by later requests sharing their prefix."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
                  prefill_step_size: int = DEFAULT_PREFILL_STEP, interleave_tokens: int = DEFAULT_INTERLEAVE,
