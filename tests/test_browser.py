@@ -119,7 +119,9 @@ def test_chat_streams_and_the_page_keeps_up_with_a_2000_token_reply(page):
         window.observer.observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
     }""")
     send(page, "Tell me a long story about Lisbon.", 2000)
-    page.wait_for_function(f"() => {{ const m = ({LAST_BOT})(); return m && m.innerText.includes('▌'); }}")
+    # The cursor shows at once, alone, before the first token: wait for text beside it.
+    page.wait_for_function(f"() => {{ const m = ({LAST_BOT})(); "
+                           "return m && m.innerText.includes('▌') && m.innerText.replace('▌', '').trim().length > 0; }")
     streaming = last_bot_text(page)
     stats = wait_for_stats(page)
     final = last_bot_text(page)
