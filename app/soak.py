@@ -279,7 +279,8 @@ def by_minute(memory: list[tuple[float, float]]) -> str:
         return ""
     start, peaks = memory[0][0], defaultdict(float)
     for t, mb in memory:
-        peaks[int((t - start) // 60)] = max(peaks[int((t - start) // 60)], mb)
+        minute = int((t - start) // 60)
+        peaks[minute] = max(peaks[minute], mb)
     return "resident memory by minute (MB, peak of each): " + " ".join(f"{peaks[m]:.0f}" for m in sorted(peaks))
 
 

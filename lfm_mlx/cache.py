@@ -341,11 +341,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, tokens: Sequence[int], settings: dict) -> Optional[PromptCache]:
+    def lookup(self, tokens: Sequence[int], settings: dict, beyond: int = 0) -> Optional[PromptCache]:
         """A new cache at the longest stored prefix of ``tokens`` that ends at a snapshot (leaving at
-        least one token to feed), or None."""
+        least one token to feed) past position ``beyond``, or None."""
         query = np.asarray(tokens)
-        best, best_position = None, 0
+        best, best_position = None, beyond
         for key, (ids, entry, _) in self._entries.items():
             if entry.settings != settings:
                 continue

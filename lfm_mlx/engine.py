@@ -616,8 +616,8 @@ class Engine:
                 or row.prefixes_seen == self.prefix_cache.inserts):
             return
         row.prefixes_seen = self.prefix_cache.inserts
-        reused = self.prefix_cache.lookup(row.prompt, row.cache.settings)
-        if reused is not None and len(reused.tokens) > row.cached:
+        reused = self.prefix_cache.lookup(row.prompt, row.cache.settings, beyond=row.cached)
+        if reused is not None:  # (no copy is made unless it goes further)
             row.adopt(reused)
 
     def _plan_prefill(self, decoding: bool) -> list[tuple[_Row, int]]:
