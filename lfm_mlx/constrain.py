@@ -495,13 +495,19 @@ class _Position:
             return None
 
 
+_BIT_SHIFTS = np.arange(32, dtype=np.uint32)
+
+
 def _preferred(bitmask: np.ndarray, rank: np.ndarray, best: np.ndarray) -> int | None:
     """The allowed token of lowest rank; checking the best few first usually suffices."""
     words = bitmask.view(np.uint32)[0]
     hits = best[(words[best >> 5] >> (best & 31)) & 1 == 1]
     if hits.size:
         return int(hits[0])
-    allowed = np.flatnonzero(np.unpackbits(bitmask.view(np.uint8), bitorder="little"))
+    # The allowed set is then mostly small: unpack only the words that have a bit set.
+    nonzero = np.flatnonzero(words)
+    bits = (words[nonzero, None] >> _BIT_SHIFTS) & 1 == 1
+    allowed = (nonzero[:, None] * 32 + _BIT_SHIFTS)[bits]
     return int(allowed[np.argmin(rank[allowed])]) if allowed.size else None
 
 

@@ -655,3 +655,16 @@ def test_token_budget_forces_a_tool_call_closed(tiny, budget, name):
     constraint = GrammarConstraint(tiny[1], tool_call_grammar([NOTE]), vocab_size=VOCAB)
     out = generate_reply(tiny, [NOTE], constraint, 0, 0.0, budget)
     assert EOS not in out and len(out) == budget
+
+
+@pytest.mark.parametrize("density", [0.0, 1e-4, 0.01, 0.5])
+def test_the_closing_planner_picks_the_allowed_token_of_lowest_rank(density):
+    rng = np.random.default_rng(int(density * 1e4))
+    rank = rng.permutation(VOCAB)
+    best = np.argsort(rank)[:8]
+    for _ in range(20):
+        allowed = np.flatnonzero(rng.random(VOCAB) < density)
+        bitmask = np.zeros((1, VOCAB // 32), np.int32)
+        np.bitwise_or.at(bitmask.view(np.uint32)[0], allowed >> 5, (1 << (allowed & 31)).astype(np.uint32))
+        expected = int(allowed[np.argmin(rank[allowed])]) if allowed.size else None
+        assert constrain._preferred(bitmask, rank, best) == expected
