@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernel
-from .cache import Rows
+from .cache import Rows, split_rows
 from .model import Attention
 
 SCORES_PER_BLOCK = 1 << 25  # floats of attention scores a prompt chunk holds at once (128 MB)
@@ -81,8 +81,8 @@ class CPUAttention(Attention):
         positions = mx.array([c.prepare(1) for c in caches])
         q, k = self.rope(q, offset=positions), self.rope(k, offset=positions)
         keys, values = [], []
-        for i, cache in enumerate(caches):
-            ki, vi = cache.update_and_fetch(k[i : i + 1], v[i : i + 1])
+        for cache, ki, vi in zip(caches, split_rows(k), split_rows(v)):
+            ki, vi = cache.update_and_fetch(ki, vi)
             keys.append(ki)
             values.append(vi)
         return cpu_kernel.extension().decode_attention(q, keys, values, self.scale, stream=mx.cpu)

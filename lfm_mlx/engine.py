@@ -41,8 +41,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import PrefixCache, PromptCache, batch_rows, cache_arrays
-from .sample import SamplingSettings, build_processors, new_key, repeat_penalty, sample, split_key
+from .cache import PrefixCache, PromptCache, batch_rows, cache_arrays, split_rows
+from .sample import SamplingSettings, build_processors, new_key, repeat_penalty, sample, split_keys
 
 DEFAULT_MAX_BATCH = 32
 DEFAULT_PREFILL_STEP = 512  # prompt tokens per step while nothing else runs
@@ -192,7 +192,7 @@ class _Row:
         self.step_tokens = 0  # tokens fed this step: pending, forced, drafts
         self.drafted = self.accepted = 0
         self.history = mx.array(self.prompt) if self.processors else None
-        self.key = None if request.sampling.greedy else new_key(request.seed)
+        self.key = None if request.sampling.greedy else new_key(request.seed)[None]  # [1, 2]: rows' keys stack
         self.pending: Optional[mx.array] = None  # the token sampled last step, not yet read back
         self.pending_logprobs: Optional[tuple] = None
         self.final = False  # the pending token is the last one: read it, never feed it
@@ -767,14 +767,15 @@ class Engine:
                 groups.setdefault(row.request.sampling, []).append(i)
         picked = [None] * len(rows)
         for settings, members in groups.items():
-            keys = []
-            for i in members if not settings.greedy else ():
-                rows[i].key, key = split_key(rows[i].key)
-                keys.append(key)
+            draws = None
+            if not settings.greedy:  # a handful of ops for all rows: none per row but the split
+                keep, draws = split_keys(mx.concatenate([rows[i].key for i in members]))
+                for i, key in zip(members, split_rows(keep)):
+                    rows[i].key = key
             part = logits if len(members) == len(rows) else logits[mx.array(members)]
-            tokens = sample(part, settings, keys)
-            for j, i in enumerate(members):
-                picked[i] = tokens[j : j + 1] if len(members) > 1 else tokens
+            tokens = sample(part, settings, draws)
+            for i, token in zip(members, split_rows(tokens)):
+                picked[i] = token
         kept = [r for r, t in zip(rows, picked) if t is not None]
         tokens = mx.concatenate([t for t in picked if t is not None]) if kept else None
         for i, row in enumerate(rows):

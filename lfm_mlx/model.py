@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .cache import Rows
+from .cache import Rows, split_rows
 from .config import ModelArgs
 
 
@@ -147,8 +147,8 @@ class ShortConv(nn.Module):
             if j - i > 1:
                 states = mx.concatenate([c.state for c in caches[i:j]])  # [G, K - 1, C]
                 window = mx.concatenate([states, bx[0, start : start + j - i, None]], axis=1)
-                for g, c in enumerate(caches[i:j]):
-                    c.state = window[g : g + 1, 1:]
+                for c, state in zip(caches[i:j], split_rows(window[:, 1:])):
+                    c.state = state
                     c.offset += 1
                 outs.append(self.conv(window).reshape(1, j - i, -1))
                 start, i = start + j - i, j

@@ -153,8 +153,8 @@ def filter_logprobs(logprobs: mx.array, s: SamplingSettings) -> mx.array:
     return logprobs
 
 
-def sample(logits: mx.array, s: SamplingSettings, keys: Optional[list] = None) -> mx.array:
-    """One token per row of ``logits`` [R, V]; row i draws with ``keys[i]`` (needed unless greedy).
+def sample(logits: mx.array, s: SamplingSettings, keys: Optional[mx.array] = None) -> mx.array:
+    """One token per row of ``logits`` [R, V]; row i draws with ``keys[i]`` (keys [R, 2], needed unless greedy).
     Gumbel-max is what ``mx.random.categorical`` does, with each row's noise from its own key.
     Only top-p needs normalised probabilities (min-p is relative to the best token); with top-k and
     no top-p, only the k best can be drawn, so the noise is drawn for them alone: the same
@@ -179,19 +179,22 @@ def _best(logits: mx.array, k: int) -> mx.array:
     return mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
 
 
-def _gumbel_max(logprobs: mx.array, s: SamplingSettings, keys: list) -> mx.array:
-    noise = mx.concatenate([mx.random.gumbel((1, logprobs.shape[-1]), key=k) for k in keys])
+def _gumbel_max(logprobs: mx.array, s: SamplingSettings, keys: mx.array) -> mx.array:
+    width = logprobs.shape[-1]
+    # Every row's noise in one op (vmap over the keys), each the same as from its key alone.
+    noise = mx.vmap(lambda key: mx.random.gumbel((width,), key=key))(keys)
     return mx.argmax(logprobs * (1.0 / s.temperature) + noise, axis=-1)
 
 
 def new_key(seed: Optional[int]) -> mx.array:
-    """A sequence's random key: from its seed, or from the OS when none is given."""
+    """A sequence's random key ([2]): from its seed, or from the OS when none is given."""
     if seed is None:
         seed = int.from_bytes(os.urandom(8), "little")
     return mx.random.key(seed % (1 << 64))
 
 
-def split_key(key: mx.array) -> tuple[mx.array, mx.array]:
-    """(the key to keep, a key to draw with now)."""
-    keys = mx.random.split(key)
-    return keys[0], keys[1]
+def split_keys(keys: mx.array) -> tuple[mx.array, mx.array]:
+    """(the keys to keep, keys to draw with now) for one key per row ([R, 2]), in one op: row i's are
+    what ``mx.random.split(keys[i])`` gives, whatever rows are beside it."""
+    both = mx.vmap(mx.random.split)(keys)
+    return both[:, 0], both[:, 1]

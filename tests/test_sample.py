@@ -14,7 +14,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repe
 from lfm_mlx import cpu_kernel
 from lfm_mlx.sample import (
     LIQUID_DEFAULTS, SamplingSettings, filter_logprobs, new_key, read_generation_config, repeat_penalty, sample,
-    split_key)
+    split_keys)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -71,20 +71,24 @@ def test_the_repetition_penalty_of_many_rows_equals_mlx_lms_row_by_row():
 def test_a_row_draws_from_its_own_key_whatever_rows_are_beside_it():
     logits = mx.random.normal((4, 1000), key=mx.random.key(1))
     s = SamplingSettings(temperature=1.0, top_k=0)
-    keys = [new_key(seed) for seed in range(4)]
+    keys = mx.stack([new_key(seed) for seed in range(4)])
     together = sample(logits, s, keys).tolist()
-    alone = [sample(logits[i : i + 1], s, [keys[i]]).item() for i in range(4)]
+    alone = [sample(logits[i : i + 1], s, keys[i : i + 1]).item() for i in range(4)]
     assert together == alone
+    # The noise of each row is the one its key draws alone, as MLX's own Gumbel sampler draws it.
+    for i in range(4):
+        noise = mx.random.gumbel((1, 1000), key=keys[i])
+        assert alone[i] == mx.argmax(logits[i : i + 1] + noise, axis=-1).item()
     assert sample(logits, SamplingSettings(temperature=0), None).tolist() == mx.argmax(logits, axis=-1).tolist()
 
 
 def test_draws_follow_the_tempered_distribution():
     logits = mx.array([[2.0, 1.0, 0.0, -9.0]])
     s = SamplingSettings(temperature=0.5, top_k=0)
-    key, counts = new_key(7), np.zeros(4)
+    keys, counts = new_key(7)[None], np.zeros(4)
     for _ in range(3000):
-        key, draw = split_key(key)
-        counts[sample(logits, s, [draw]).item()] += 1
+        keys, draws = split_keys(keys)
+        counts[sample(logits, s, draws).item()] += 1
     expected = np.exp(np.array([2.0, 1.0, 0.0, -9.0]) / 0.5)
     expected /= expected.sum()
     assert np.abs(counts / counts.sum() - expected).max() < 0.03 and counts[3] == 0
@@ -95,17 +99,26 @@ def test_top_k_draws_only_the_k_best_in_their_tempered_proportions():
     row's draw still depends only on its own key."""
     logits = mx.array([[0.5, 2.0, -1.0, 1.0, 1.5, -9.0]])
     s = SamplingSettings(temperature=0.7, top_k=3, min_p=0.5)  # min-p then drops 1.0 (p < 0.5 p_max)
-    key, counts = new_key(8), np.zeros(6)
+    keys, counts = new_key(8)[None], np.zeros(6)
     for _ in range(3000):
-        key, draw = split_key(key)
-        counts[sample(logits, s, [draw]).item()] += 1
+        keys, draws = split_keys(keys)
+        counts[sample(logits, s, draws).item()] += 1
     expected = np.zeros(6)
     expected[[1, 4]] = np.exp(np.array([2.0, 1.5]) / 0.7)
     assert np.abs(counts / counts.sum() - expected / expected.sum()).max() < 0.03
     wide = mx.random.normal((4, 5000), key=mx.random.key(2))
-    keys = [new_key(seed) for seed in range(4)]
+    keys = mx.stack([new_key(seed) for seed in range(4)])
     s = SamplingSettings(temperature=1.0, top_k=50)
-    assert sample(wide, s, keys).tolist() == [sample(wide[i : i + 1], s, [keys[i]]).item() for i in range(4)]
+    assert sample(wide, s, keys).tolist() == [sample(wide[i : i + 1], s, keys[i : i + 1]).item() for i in range(4)]
+
+
+def test_keys_split_together_as_each_alone():
+    keys = mx.stack([new_key(seed) for seed in (3, 5, 2**40 + 1)])
+    keep, draws = split_keys(keys)
+    for i in range(3):
+        alone = mx.random.split(keys[i])
+        assert np.array_equal(np.array(keep[i]), np.array(alone[0]))
+        assert np.array_equal(np.array(draws[i]), np.array(alone[1]))
 
 
 def test_the_cpu_top_k_is_mlxs_argpartition_with_ties_and_nan():
