@@ -170,6 +170,24 @@ def test_vectorized_silu_is_as_exact_as_mlx_and_keeps_nan_and_extremes():
     assert relative_error(quantized.SiLU()(strided), nn.silu(strided)) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 64), (513, 256), (2, 13)])
+def test_rms_norm_is_one_node_as_exact_as_mlx_and_rows_are_independent(shape):
+    needs_kernel()
+    norm = nn.RMSNorm(shape[-1], eps=1e-5)
+    norm.weight = mx.random.normal((shape[-1],), key=mx.random.key(6))
+    x = mx.random.normal(shape, key=mx.random.key(7)) * 3
+    ours = quantized.RMSNorm.__call__(norm, x)
+    xd = np.asarray(x, np.float64)
+    exact = xd / np.sqrt((xd**2).mean(-1, keepdims=True) + 1e-5) * np.asarray(norm.weight, np.float64)
+    assert np.abs(np.asarray(ours, np.float64) - exact).max() / np.abs(exact).max() < 1e-6
+    assert relative_error(ours, mx.fast.rms_norm(x, norm.weight, 1e-5)) < 1e-6
+    rows = x.reshape(-1, shape[-1])
+    alone = mx.concatenate([quantized.RMSNorm.__call__(norm, rows[i : i + 1]) for i in range(min(4, rows.shape[0]))])
+    assert mx.array_equal(ours.reshape(-1, shape[-1])[: alone.shape[0]], alone).item()
+    strided = x.reshape(-1, shape[-1]).T.T[:, ::-1]  # a view that is not row-contiguous
+    assert relative_error(quantized.RMSNorm.__call__(norm, strided), mx.fast.rms_norm(strided, norm.weight, 1e-5)) < 1e-6
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (4, 128), (8, 64), (8, 32)])
 def test_float_kernel_equals_mlx_quantized_matmul_and_rows_are_independent(bits, group_size):
     needs_kernel()

@@ -951,6 +951,65 @@ mx::array silu(const mx::array& x, mx::StreamOrDevice s) {
 }
 
 
+// RMSNorm over the last axis, x * (1 / sqrt(mean(x^2) + eps)) * weight, as MLX computes it, in one node:
+// MLX's CPU rms_norm is six (square, mean, add, rsqrt, two products), a step's largest share of nodes.
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto &x = inputs[0], &weight = inputs[1];
+    auto& encoder = unary_encoder(stream(), x, out);
+    encoder.set_input_array(weight);
+    encoder.dispatch([x, weight, y = out.data<float>(), eps = eps_]() {
+      RowMajor<float> xs(x), ws(weight);
+      const int D = x.shape(-1), head = D / 8 * 8;
+      const long rows = D ? (long)x.size() / D : 0, chunk = std::max(1L, (1L << 14) / std::max(D, 1));
+      auto part = [&](int i) {
+        for (long r = i * chunk; r < std::min(rows, (i + 1) * chunk); r++) {
+          const float* xr = xs.data + r * D;
+          float* yr = y + r * D;
+          f8 acc = {};
+          for (int d = 0; d < head; d += 8) {
+            const f8 v = load8(xr + d);
+            acc += v * v;
+          }
+          float squares = sum8(acc);
+          for (int d = head; d < D; d++) squares += xr[d] * xr[d];
+          const float scale = 1.f / std::sqrt(squares / D + eps);
+          for (int d = 0; d < head; d += 8) {
+            const f8 o = (load8(xr + d) * scale) * load8(ws.data + d);
+            std::memcpy(yr + d, &o, sizeof o);
+          }
+          for (int d = head; d < D; d++) yr[d] = (xr[d] * scale) * ws.data[d];
+        }
+      };
+      Pool::get().run(static_cast<int>((rows + chunk - 1) / chunk), part, (long)x.size() >= (1L << 16));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("lfm_mlx's rms_norm runs on the CPU only; use mx.fast.rms_norm on a GPU");
+  }
+
+  const char* name() const override { return "LfmRmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  float eps_;
+};
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu || x.dtype() != mx::float32 || weight.dtype() != mx::float32 ||
+      x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("rms_norm: float32 x [..., D] and weight [D], on a CPU stream only");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), {x, weight});
+}
+
 // ----------------------------------------------------------------------------------------------
 // Attention of one new token per sequence, for many sequences at once: each query row against its own
 // sequence's keys and values (other arrays, other lengths). MLX's CPU attention for one query is a
@@ -1248,6 +1307,8 @@ NB_MODULE(_qmm, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
         "stream"_a = nb::none(), "The float32 weight of affine 4/8-bit w, on the CPU.");
   m.def("silu", &silu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "x * sigmoid(x) for float32 x, on the CPU.");
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x / sqrt(mean(x^2, last axis) + eps) * weight for float32 x, on the CPU.");
   m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "softmax(q K^T * scale) V for one query row per sequence, each against its own keys and values.");
