@@ -29,6 +29,19 @@ from .model import Attention
 SCORES_PER_BLOCK = 1 << 25  # floats of attention scores a prompt chunk holds at once (128 MB)
 
 
+class CPURoPE(nn.RoPE):
+    """On the CPU, the extension's RoPE for [B, H, T, D] float32 inputs: one graph node where MLX's CPU
+    fallback makes about thirty (positions, frequencies, cos, sin, the halves' products)."""
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        if (mx.default_device() == mx.cpu and x.dtype == mx.float32 and x.ndim == 4 and not self.traditional
+                and cpu_kernel.extension() is not None):
+            given = isinstance(offset, mx.array)
+            return cpu_kernel.extension().rope(x, self.dims, self.base, self.scale, 0 if given else int(offset),
+                                               offset if given else None, stream=mx.cpu)
+        return super().__call__(x, offset)
+
+
 class CPUAttention(Attention):
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         if q.shape[0] == 1 and q.shape[2] == 1 and self._takes(q, [cache]):
@@ -53,7 +66,7 @@ class CPUAttention(Attention):
     def _takes(self, q: mx.array, caches: Sequence, prompt: bool = False) -> bool:
         """Whether the extension takes these rows: float32 on the CPU, plain RoPE, full-precision caches
         (a prompt may have none)."""
-        return (mx.default_device() == mx.cpu and q.dtype == mx.float32 and type(self.rope) is nn.RoPE
+        return (mx.default_device() == mx.cpu and q.dtype == mx.float32 and type(self.rope) in (nn.RoPE, CPURoPE)
                 and self.head_dim % 8 == 0 and self.head_dim <= 128 and cpu_kernel.extension() is not None
                 and all((c is None and prompt) or (c is not None and c.bits is None) for c in caches))
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernel
-from .cpu_attention import CPUAttention
+from .cpu_attention import CPUAttention, CPURoPE
 from .model import Attention
 
 # From this many input rows on (without the SIMD kernel), dequantize-then-matmul beats MLX's CPU
@@ -134,7 +134,7 @@ def accelerate(model: nn.Module) -> nn.Module:
     (``lfm_mlx.cpu_attention``), in place: the architecture keeps plain ``nn.Linear`` /
     ``nn.Embedding`` / ``nn.SiLU`` and its own attention, and the subclasses add behaviour, no state."""
     swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding, nn.SiLU: SiLU,
-             nn.RMSNorm: RMSNorm, Attention: CPUAttention}
+             nn.RMSNorm: RMSNorm, nn.RoPE: CPURoPE, Attention: CPUAttention}
     for _, module in model.named_modules():
         if type(module) in swaps:
             module.__class__ = swaps[type(module)]

@@ -170,6 +170,32 @@ def test_vectorized_silu_is_as_exact_as_mlx_and_keeps_nan_and_extremes():
     assert relative_error(quantized.SiLU()(strided), nn.silu(strided)) < 1e-6
 
 
+@pytest.mark.parametrize("offset", [0, 37, -12, "per row"])
+def test_rope_is_one_node_as_exact_as_mlxs_and_rows_are_independent(offset):
+    needs_kernel()
+    from lfm_mlx.cpu_attention import CPURoPE
+
+    x = mx.random.normal((3, 4, 5, 64), key=mx.random.key(8)) * 2
+    for dims, base, scale in ((64, 1e6, 1.0), (32, 10_000.0, 0.5)):
+        rope = nn.RoPE(dims, base=base, scale=scale)
+        offsets = mx.array([3, 0, 900]) if offset == "per row" else offset
+        ours = CPURoPE.__call__(rope, x, offsets)
+        # Against float64: as close as MLX's own (float32 angles at position 900 carry ~1e-4 rad).
+        position = np.arange(5)[None, :] + np.reshape(np.array([3, 0, 900]) if offset == "per row" else [offset] * 3, (3, 1))
+        theta = (position * scale)[:, None, :, None] * base ** (-np.arange(dims // 2) / (dims // 2))
+        x1, x2 = np.asarray(x[..., : dims // 2], np.float64), np.asarray(x[..., dims // 2 : dims], np.float64)
+        exact = np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x1 * np.sin(theta) + x2 * np.cos(theta),
+                                np.asarray(x[..., dims:], np.float64)], axis=-1)
+        error = lambda y: np.abs(np.asarray(y, np.float64) - exact).max()
+        assert error(ours) <= 1.5 * error(nn.RoPE.__call__(rope, x, offsets)) + 1e-6
+        if dims < 64:  # what lies past dims passes through
+            assert mx.array_equal(ours[..., dims:], x[..., dims:]).item()
+        if offset == "per row":  # row b alone at its own position gives the same
+            for b in range(3):
+                alone = CPURoPE.__call__(rope, x[b : b + 1], int(offsets[b]))
+                assert mx.array_equal(alone, ours[b : b + 1]).item()
+
+
 @pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 64), (513, 256), (2, 13)])
 def test_rms_norm_is_one_node_as_exact_as_mlx_and_rows_are_independent(shape):
     needs_kernel()

@@ -1010,6 +1010,95 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), {x, weight});
 }
 
+// RoPE (the halves form, not "traditional") of x [B, H, T, D], position t + offset of row b, as MLX's
+// fallback computes it (positions * scale times base^(-i / (dims / 2)), then cos and sin): one node
+// where that fallback makes thirty, two of them in every attention layer of a step.
+class Rope : public mx::Primitive {
+ public:
+  Rope(mx::Stream stream, int dims, float base, float scale, int offset)
+      : mx::Primitive(stream), dims_(dims), base_(base), scale_(scale), offset_(offset) {}
+
+  // inputs: x, then optionally an int32 offset per row (shape [] or [B]) that replaces offset_.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& x = inputs[0];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    encoder.dispatch([inputs, y = out.data<float>(), dims = dims_, base = base_, scale = scale_, offset = offset_]() {
+      auto& x = inputs[0];
+      RowMajor<float> xs(x);
+      const int B = x.shape(0), H = x.shape(1), T = x.shape(2), D = x.shape(3), half = dims / 2;
+      std::vector<int> offsets(B, offset);
+      if (inputs.size() > 1) {
+        RowMajor<int32_t> given(inputs[1]);
+        for (int b = 0; b < B; b++) offsets[b] = given.data[inputs[1].size() == 1 ? 0 : b];
+      }
+      const float step = static_cast<float>(std::log(base) / half);
+      std::vector<float> inv(half), cosines((size_t)B * T * half), sines((size_t)B * T * half);
+      for (int i = 0; i < half; i++) inv[i] = std::exp(static_cast<float>(-i) * step);
+      for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+          const float position = static_cast<float>(t + offsets[b]) * scale;
+          for (int i = 0; i < half; i++) {
+            const float theta = position * inv[i];
+            cosines[((size_t)b * T + t) * half + i] = std::cos(theta);
+            sines[((size_t)b * T + t) * half + i] = std::sin(theta);
+          }
+        }
+      auto part = [&](int task) {  // one (b, h): its T rows
+        const int b = task / H;
+        for (int t = 0; t < T; t++) {
+          const size_t row = ((size_t)task * T + t) * D;
+          const float *in = xs.data + row, *c = cosines.data() + ((size_t)b * T + t) * half,
+                      *sn = sines.data() + ((size_t)b * T + t) * half;
+          float* o = y + row;
+          for (int i = 0; i < half; i++) {
+            const float x1 = in[i], x2 = in[half + i];
+            o[i] = x1 * c[i] - x2 * sn[i];
+            o[half + i] = x1 * sn[i] + x2 * c[i];
+          }
+          for (int d = dims; d < D; d++) o[d] = in[d];
+        }
+      };
+      Pool::get().run(B * H, part, (long)x.size() >= (1L << 16));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("lfm_mlx's rope runs on the CPU only; use mx.fast.rope on a GPU");
+  }
+
+  const char* name() const override { return "LfmRope"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Rope&>(other);
+    return dims_ == o.dims_ && base_ == o.base_ && scale_ == o.scale_ && offset_ == o.offset_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  int dims_;
+  float base_, scale_;
+  int offset_;
+};
+
+mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, std::optional<mx::array> offsets,
+               mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu || x.dtype() != mx::float32 || x.ndim() != 4 || dims <= 0 || dims % 2 ||
+      dims > x.shape(3))
+    throw std::invalid_argument("rope: float32 x [B, H, T, D], even dims <= D, on a CPU stream only");
+  std::vector<mx::array> inputs = {x};
+  if (offsets) {
+    if (offsets->ndim() > 1 || (offsets->size() != 1 && offsets->size() != (size_t)x.shape(0)) ||
+        !mx::issubdtype(offsets->dtype(), mx::integer))
+      throw std::invalid_argument("rope: offsets are integers, one or one per row of x");
+    inputs.push_back(mx::astype(*offsets, mx::int32, stream));
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, dims, base, scale, offset), inputs);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Attention of one new token per sequence, for many sequences at once: each query row against its own
 // sequence's keys and values (other arrays, other lengths). MLX's CPU attention for one query is a
@@ -1307,6 +1396,8 @@ NB_MODULE(_qmm, m) {
   m.def("dequantize", &dequantize, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a, nb::kw_only(),
         "stream"_a = nb::none(), "The float32 weight of affine 4/8-bit w, on the CPU.");
   m.def("silu", &silu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "x * sigmoid(x) for float32 x, on the CPU.");
+  m.def("rope", &rope, "x"_a, "dims"_a, "base"_a, "scale"_a, "offset"_a, "offsets"_a = nb::none(), nb::kw_only(),
+        "stream"_a = nb::none(), "RoPE (halves form) of float32 x [B, H, T, D] at positions t + offset (or offsets[b]).");
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x / sqrt(mean(x^2, last axis) + eps) * weight for float32 x, on the CPU.");
   m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
