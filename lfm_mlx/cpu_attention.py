@@ -2,9 +2,10 @@
 
 Each sequence decoding one token attends to its own cache. MLX's CPU attention is several nodes per
 sequence and layer (RoPE, the cache writes, the attention itself), ~0.5 ms each: with 16 sequences
-decoding, attention took longer than all the step's matrix products. Here the rows' RoPE is one call
-(a position per row), and the attention of every row is one node of lfm_mlx's CPU extension
-(``decode_attention``); the caches are written as before.
+decoding, attention took longer than all the step's matrix products. Here the rows' RoPE is one node
+(a position per row: ``CPURoPE``), and the attention of every row is one node of lfm_mlx's CPU
+extension (``decode_attention``), which also writes each row's new key and value into its cache's
+buffers, in place (a cache's buffers are its own).
 
 A prompt chunk's attention is two matrix products around a softmax, and MLX's CPU exp is a scalar
 loop: the softmax of a 512-token chunk cost ten times both products. Here the products stay MLX's
@@ -23,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernel
-from .cache import Rows, split_rows
+from .cache import Rows
 from .model import Attention
 
 SCORES_PER_BLOCK = 1 << 25  # floats of attention scores a prompt chunk holds at once (128 MB)
@@ -90,13 +91,16 @@ class CPUAttention(Attention):
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
     def _decode(self, q: mx.array, k: mx.array, v: mx.array, caches: Sequence) -> mx.array:
-        """q, k, v: [rows, heads, 1, D], one new token per row; each row's cache takes its key and value."""
+        """q, k, v: [rows, heads, 1, D], one new token per row; each row's key and value are written into
+        its cache's buffers by the same node that attends (no slice or update op per row)."""
         positions = mx.array([c.prepare(1) for c in caches])
         q, k = self.rope(q, offset=positions), self.rope(k, offset=positions)
-        keys, values = [], []
-        for cache, ki, vi in zip(caches, split_rows(k), split_rows(v)):
-            ki, vi = cache.update_and_fetch(ki, vi)
-            keys.append(ki)
-            values.append(vi)
-        return cpu_kernel.extension().decode_attention(q, keys, values, self.scale, stream=mx.cpu)
-
+        like = k[:1]  # (used only where a buffer has to grow)
+        for cache in caches:
+            cache.make_room(1, like)
+        out, *buffers = cpu_kernel.extension().decode_attention(
+            q, k, v, [c.keys[0] for c in caches], [c.values[0] for c in caches], [c.offset + 1 for c in caches],
+            self.scale, stream=mx.cpu)
+        for cache, keys, values in zip(caches, buffers[: len(caches)], buffers[len(caches) :]):
+            cache.written(keys, values, 1)
+        return out

@@ -71,27 +71,37 @@ def test_the_architecture_is_plain_mlx_and_loading_swaps_in_the_fast_products(ti
     assert type(next(layer.self_attn for layer in plain.layers if layer.is_attention)) is architecture.Attention
 
 
-def test_decode_attention_equals_mlx_attention_row_by_row():
-    """One query per sequence against its own keys and values (different lengths; some slices of a
-    larger buffer, as the KV cache hands them over; one longer than a thread's share)."""
+def test_decode_attention_writes_each_rows_token_and_equals_mlx_attention_row_by_row():
+    """One query per sequence against its own buffers (different lengths, room to spare, one longer
+    than a thread's share), after writing its new key and value at its position; the buffers come back
+    as outputs (in place, so that later readers follow the write)."""
     needs_kernel()
     key = iter(mx.random.split(mx.random.key(11), 64))
     lengths = [1, 7, 300, 64, 2000]
     q = mx.random.normal((len(lengths), 16, 1, 64), key=next(key))
-    keys, values = [], []
+    new_keys = mx.random.normal((len(lengths), 8, 1, 64), key=next(key))
+    new_values = mx.random.normal((len(lengths), 8, 1, 64), key=next(key))
+    keys = [mx.random.normal((1, 8, n + 40 * (i % 2), 64), key=next(key)) * 3 for i, n in enumerate(lengths)]
+    values = [mx.random.normal((1, 8, n + 40 * (i % 2), 64), key=next(key)) for i, n in enumerate(lengths)]
+    mx.eval(keys, values)
+    before = [np.array(k) for k in keys]
+    out, *buffers = cpu_kernel.extension().decode_attention(q, new_keys, new_values, keys, values, lengths, 0.125,
+                                                            stream=mx.cpu)
+    mx.eval(out, buffers)
     for i, n in enumerate(lengths):
-        if i % 2:  # a slice of a buffer with room to spare
-            keys.append(mx.random.normal((1, 8, n + 40, 64), key=next(key))[:, :, :n])
-            values.append(mx.random.normal((1, 8, n + 40, 64), key=next(key))[:, :, :n])
-        else:
-            keys.append(mx.random.normal((1, 8, n, 64), key=next(key)) * 3)
-            values.append(mx.random.normal((1, 8, n, 64), key=next(key)))
-    out = cpu_kernel.extension().decode_attention(q, keys, values, 0.125, stream=mx.cpu)
-    for i in range(len(lengths)):
-        ref = mx.fast.scaled_dot_product_attention(q[i : i + 1], keys[i], values[i], scale=0.125)
+        k, v = buffers[i], buffers[len(lengths) + i]
+        assert mx.array_equal(k[:, :, n - 1], new_keys[i : i + 1, :, 0]).item()
+        assert mx.array_equal(v[:, :, n - 1], new_values[i : i + 1, :, 0]).item()
+        kept = np.delete(np.array(k), n - 1, axis=2)  # every other position as it was
+        assert np.array_equal(kept, np.delete(before[i], n - 1, axis=2))
+        ref = mx.fast.scaled_dot_product_attention(q[i : i + 1], k[:, :, :n], v[:, :, :n], scale=0.125)
         assert relative_error(out[i : i + 1], ref) < 1e-5
-    with pytest.raises(ValueError, match="B keys and values"):
-        cpu_kernel.extension().decode_attention(q, keys[:2], values[:2], 0.125, stream=mx.cpu)
+    with pytest.raises(ValueError, match="B buffers and lengths"):
+        cpu_kernel.extension().decode_attention(q, new_keys, new_values, keys[:2], values[:2], lengths[:2], 0.125,
+                                                stream=mx.cpu)
+    with pytest.raises(ValueError, match="capacity >= length"):
+        cpu_kernel.extension().decode_attention(q, new_keys, new_values, keys, values, [2, 7, 300, 64, 2000], 0.125,
+                                                stream=mx.cpu)
 
 
 def test_decoding_rows_attention_equals_the_models_own(tiny, monkeypatch):

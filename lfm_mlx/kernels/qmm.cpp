@@ -1101,46 +1101,62 @@ mx::array rope(const mx::array& x, int dims, float base, float scale, int offset
 
 // ----------------------------------------------------------------------------------------------
 // Attention of one new token per sequence, for many sequences at once: each query row against its own
-// sequence's keys and values (other arrays, other lengths). MLX's CPU attention for one query is a
-// handful of graph nodes per sequence and layer (~0.2 ms at 300 keys); a batch of 16 decoding rows
-// spent more time there than in its products. One node here, with the rows' heads shared out among
-// the threads.
+// sequence's keys and values (other buffers, other lengths), after writing the row's new key and value
+// into them. MLX's CPU attention for one query is a handful of graph nodes per sequence and layer
+// (~0.2 ms at 300 keys), and each cache write two more; a batch of 16 decoding rows spent more time
+// there than in its products. One node here, with the rows' heads shared out among the threads.
 
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  DecodeAttention(mx::Stream stream, float scale, std::vector<int> lengths)
+      : mx::Primitive(stream), scale_(scale), lengths_(std::move(lengths)) {}
 
-  // inputs: q [B, H, 1, D], then B keys [1, Hkv, L_i, D], then B values alike.
+  // inputs: q [B, H, 1, D], the new keys and values [B, Hkv, 1, D], then B key buffers and B value
+  // buffers [1, Hkv, capacity, D]. Row i attends to lengths[i] keys, the last its new one, written at
+  // position lengths[i] - 1. outputs: the attention [B, H, 1, D], then the buffers with the new token
+  // written, in the inputs' memory (a copy only where an input is not dense): the caller is a KV cache
+  // that alone holds its buffers and takes the outputs in their place, so that whatever reads them
+  // later comes after this node. (MLX's donation cannot tell: every output of a node holds its inputs.)
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& out = outputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    encoder.dispatch([inputs, y = out.data<float>(), scale = scale_]() {
+    for (auto& a : outputs) encoder.set_output_array(a);
+    std::vector<mx::array> buffers, sources;  // sources: inputs to copy into their outputs first
+    std::vector<int> copied;
+    for (size_t j = 3; j < inputs.size(); j++) {
+      auto& buffer = outputs[j - 2];
+      if (inputs[j].flags().row_contiguous && inputs[j].data_size() == inputs[j].size()) {
+        buffer.copy_shared_buffer(inputs[j]);
+      } else {
+        buffer.set_data(mx::allocator::malloc(buffer.nbytes()));
+        sources.push_back(inputs[j]);
+        copied.push_back(static_cast<int>(j - 3));
+      }
+      buffers.push_back(buffer);
+    }
+    encoder.dispatch([inputs, buffers, sources, copied, lengths = lengths_, y = out.data<float>(), scale = scale_]() mutable {
       const int B = inputs[0].shape(0), H = inputs[0].shape(1), D = inputs[0].shape(3);
       const int Hkv = inputs[1].shape(1), group = H / Hkv;
-      RowMajor<float> q(inputs[0]);
-      std::vector<std::unique_ptr<RowMajor<float>>> copies;  // keys or values whose rows are not dense
-      std::vector<const float*> keys(B), values(B);
-      std::vector<long> key_head(B), value_head(B);
-      auto place = [&](const mx::array& a, const float*& data, long& head_stride) {
-        if (a.strides(3) == 1 && a.strides(2) == D) {
-          data = a.data<float>(), head_stride = a.strides(1);
-        } else {
-          copies.push_back(std::make_unique<RowMajor<float>>(a));
-          data = copies.back()->data, head_stride = (long)a.shape(2) * D;
-        }
-      };
+      for (size_t c = 0; c < sources.size(); c++) {
+        RowMajor<float> source(sources[c]);
+        std::memcpy(buffers[copied[c]].data<float>(), source.data, buffers[copied[c]].nbytes());
+      }
+      RowMajor<float> q(inputs[0]), new_keys(inputs[1]), new_values(inputs[2]);
       long work = 0;
       for (int i = 0; i < B; i++) {
-        place(inputs[1 + i], keys[i], key_head[i]);
-        place(inputs[1 + B + i], values[i], value_head[i]);
-        work += (long)inputs[1 + i].shape(2) * H * D;
+        for (int h = 0; h < Hkv; h++) {
+          const long at = ((long)h * buffers[i].shape(2) + lengths[i] - 1) * D, from = ((long)i * Hkv + h) * D;
+          std::memcpy(buffers[i].data<float>() + at, new_keys.data + from, D * sizeof(float));
+          std::memcpy(buffers[B + i].data<float>() + at, new_values.data + from, D * sizeof(float));
+        }
+        work += (long)lengths[i] * H * D;
       }
       auto head = [&](int task) {  // one sequence's kv head and the query heads that share it
-        const int i = task / Hkv, h = task % Hkv, L = inputs[1 + i].shape(2);
-        const float *k = keys[i] + h * key_head[i], *v = values[i] + h * value_head[i];
+        const int i = task / Hkv, h = task % Hkv, L = lengths[i];
+        const long head_stride = (long)buffers[i].shape(2) * D;
+        const float *k = buffers[i].data<float>() + h * head_stride, *v = buffers[B + i].data<float>() + h * head_stride;
         std::vector<float> p(L);
         for (int g = 0; g < group; g++) {
           const float* qh = q.data + ((long)i * H + h * group + g) * D;
@@ -1180,34 +1196,50 @@ class DecodeAttention : public mx::Primitive {
   const char* name() const override { return "LfmDecodeAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return scale_ == o.scale_ && lengths_ == o.lengths_;
   }
 
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    std::vector<mx::Shape> shapes = {inputs[0].shape()};
+    for (size_t j = 3; j < inputs.size(); j++) shapes.push_back(inputs[j].shape());
+    return shapes;
+  }
 
  private:
   float scale_;
+  std::vector<int> lengths_;
 };
 
-mx::array decode_attention(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
-                           float scale, mx::StreamOrDevice s) {
+
+// See DecodeAttention: returns the attention, then the B key buffers and the B value buffers.
+std::vector<mx::array> decode_attention(const mx::array& q, const mx::array& new_keys,
+                                                 const mx::array& new_values, const std::vector<mx::array>& keys,
+                                                 const std::vector<mx::array>& values, const std::vector<int>& lengths,
+                                                 float scale, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) throw std::invalid_argument("decode_attention: CPU streams only");
   const int B = q.ndim() == 4 ? q.shape(0) : 0;
   if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1 || q.shape(3) % 8 != 0 || q.shape(3) > 128 ||
-      (int)keys.size() != B || (int)values.size() != B)
-    throw std::invalid_argument("decode_attention: float32 q [B, H, 1, D] (D a multiple of 8, at most 128) and B keys and values");
-  std::vector<mx::array> inputs = {q};
+      B == 0 || (int)keys.size() != B || (int)values.size() != B || (int)lengths.size() != B)
+    throw std::invalid_argument("decode_attention: float32 q [B, H, 1, D] and B buffers and lengths");
+  const int Hkv = keys[0].ndim() == 4 ? keys[0].shape(1) : 0, D = q.shape(3);
+  for (auto* a : {&new_keys, &new_values})
+    if (a->dtype() != mx::float32 || a->shape() != mx::Shape{B, Hkv, 1, D})
+      throw std::invalid_argument("decode_attention: new keys and values float32 [B, Hkv, 1, D]");
+  std::vector<mx::array> inputs = {q, new_keys, new_values};
+  std::vector<mx::Shape> shapes = {q.shape()};
   for (auto* list : {&keys, &values})
-    for (auto& a : *list) {
-      if (a.dtype() != mx::float32 || a.ndim() != 4 || a.shape(0) != 1 || a.shape(3) != q.shape(3) ||
-          a.shape(2) < 1 || a.shape(1) != keys[0].shape(1) || q.shape(1) % a.shape(1) != 0)
-        throw std::invalid_argument("decode_attention: keys and values float32 [1, Hkv, L, D], Hkv dividing H, L >= 1");
+    for (int i = 0; i < B; i++) {
+      auto& a = (*list)[i];
+      if (a.dtype() != mx::float32 || a.ndim() != 4 || a.shape(0) != 1 || a.shape(1) != Hkv || a.shape(3) != D ||
+          Hkv == 0 || q.shape(1) % Hkv != 0 || lengths[i] < 1 || lengths[i] > a.shape(2))
+        throw std::invalid_argument("decode_attention: buffers float32 [1, Hkv, capacity >= length, D]");
       inputs.push_back(a);
+      shapes.push_back(a.shape());
     }
-  for (int i = 0; i < B; i++)
-    if (keys[i].shape(2) != values[i].shape(2)) throw std::invalid_argument("decode_attention: keys and values differ in length");
-  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale), std::move(inputs));
+  return mx::array::make_arrays(std::move(shapes), std::vector<mx::Dtype>(2 * B + 1, mx::float32),
+                                std::make_shared<DecodeAttention>(stream, scale, lengths), std::move(inputs));
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1400,9 +1432,10 @@ NB_MODULE(_qmm, m) {
         "stream"_a = nb::none(), "RoPE (halves form) of float32 x [B, H, T, D] at positions t + offset (or offsets[b]).");
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "x / sqrt(mean(x^2, last axis) + eps) * weight for float32 x, on the CPU.");
-  m.def("decode_attention", &decode_attention, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
-        "stream"_a = nb::none(),
-        "softmax(q K^T * scale) V for one query row per sequence, each against its own keys and values.");
+  m.def("decode_attention", &decode_attention, "q"_a, "new_keys"_a, "new_values"_a, "keys"_a, "values"_a,
+        "lengths"_a, "scale"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(q K^T * scale) V for one query row per sequence against its own buffers, after writing its new "
+        "key and value at lengths[i] - 1: [out, *keys, *values].");
   m.def("causal_softmax", &causal_softmax, "scores"_a, "scale"_a, "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
         "softmax(scores * scale) over the last axis, row i of the axis before seeing keys 0 .. offset + i.");
   m.def("top_k", &top_k, "x"_a, "k"_a, nb::kw_only(), "stream"_a = nb::none(),
