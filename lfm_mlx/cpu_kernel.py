@@ -8,7 +8,8 @@ float activations (exact to float rounding, the reference) and int8 activations 
 values and multiplied as integers: AVX-512 VNNI / AVX-VNNI / AVX2 on x86-64, plain C++ elsewhere,
 ~2-3x faster; on Intel AMX, 16 rows by 16 weight rows per tile instruction, for any number of rows).
 Since it is a graph node, a decode step is one evaluation and can be compiled. The extension also holds
-a vectorized SiLU and the attention of decoding rows (``lfm_mlx.cpu_attention``).
+a vectorized SiLU, RMSNorm and RoPE as one node each (MLX's CPU fallbacks are six and thirty), and the
+attention of decoding rows with their KV writes (``lfm_mlx.cpu_attention``).
 
 It is built with CMake on first use against the installed ``mlx`` and ``nanobind`` and cached in
 ``~/.cache/lfm_mlx`` (or ``$LFM_MLX_CACHE``), keyed by the sources, the versions and the CPU. Without a

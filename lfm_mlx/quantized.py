@@ -5,7 +5,7 @@ MLX's CPU ``quantized_matmul`` is a scalar loop over input rows: decode runs at 
 CPU, a few rows go through lfm_mlx's kernel (``lfm_mlx.cpu_kernel``, a primitive of MLX's graph; on
 CPUs with Intel AMX, all rows do), and many rows dequantize the weight once, as a transient float
 matrix freed right after its product, and hand the product to BLAS. On a GPU MLX's quantized kernels are fast already and are used as they are.
-``accelerate`` swaps these products (and a vectorized SiLU) into a model's MLX layers at load time;
+``accelerate`` swaps these products (and a vectorized SiLU, one-node RMSNorm and RoPE) into a model's MLX layers at load time;
 parameters and checkpoint keys stay mlx's own (``weight``, ``scales``, ``biases``).
 """
 
@@ -130,9 +130,10 @@ class RMSNorm(nn.RMSNorm):
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Give ``model``'s layers the fast CPU paths above and decoding rows' attention
-    (``lfm_mlx.cpu_attention``), in place: the architecture keeps plain ``nn.Linear`` /
-    ``nn.Embedding`` / ``nn.SiLU`` and its own attention, and the subclasses add behaviour, no state."""
+    """Give ``model``'s layers the fast CPU paths above, RoPE and decoding rows' attention
+    (``lfm_mlx.cpu_attention``), in place: the architecture keeps plain ``nn.Linear`` / ``nn.Embedding``
+    / ``nn.SiLU`` / ``nn.RMSNorm`` / ``nn.RoPE`` and its own attention, and the subclasses add behaviour,
+    no state."""
     swaps = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding, nn.SiLU: SiLU,
              nn.RMSNorm: RMSNorm, nn.RoPE: CPURoPE, Attention: CPUAttention}
     for _, module in model.named_modules():
