@@ -136,12 +136,12 @@ class KVCache:
         return (ks[0], vs[0]) if self.bits is None else (ks, vs)
 
     def make_room(self, n: int, like: mx.array) -> None:
-        """Room for ``n`` more full-precision tokens, keys and values shaped like ``like`` [1, heads, ·, D],
-        for attention that writes them into the buffers itself (``lfm_mlx.cpu_attention``) and hands
-        back the buffers to ``written``. The buffers are this cache's alone (copies are made, never
-        shared), which is what makes writing into them in place safe."""
+        """Room for ``n`` more full-precision tokens, keys and values like the rows of ``like``
+        [·, heads, ·, D], for attention that writes them into the buffers itself
+        (``lfm_mlx.cpu_attention``) and hands back the buffers to ``written``. The buffers are this
+        cache's alone (copies are made, never shared), which is what makes writing into them in place safe."""
         if self.keys is None or self.offset + n > self.keys[0].shape[2]:
-            self._reserve((like,), (like,), self.offset + n)
+            self._reserve((like[:1],), (like[:1],), self.offset + n)
 
     def written(self, keys: mx.array, values: mx.array, n: int) -> None:
         """The buffers after ``n`` tokens were written at ``offset`` by such attention."""

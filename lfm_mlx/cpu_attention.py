@@ -95,9 +95,8 @@ class CPUAttention(Attention):
         its cache's buffers by the same node that attends (no slice or update op per row)."""
         positions = mx.array([c.prepare(1) for c in caches])
         q, k = self.rope(q, offset=positions), self.rope(k, offset=positions)
-        like = k[:1]  # (used only where a buffer has to grow)
         for cache in caches:
-            cache.make_room(1, like)
+            cache.make_room(1, k)
         out, *buffers = cpu_kernel.extension().decode_attention(
             q, k, v, [c.keys[0] for c in caches], [c.values[0] for c in caches], [c.offset + 1 for c in caches],
             self.scale, stream=mx.cpu)
