@@ -8,7 +8,7 @@ the trained window. Layers never own a cache; the model receives the list from `
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -354,6 +354,11 @@ class PrefixCache:
     Reuse ends at a snapshot, since a conv state cannot be trimmed: the engine snapshots at message
     boundaries and at the end of each prompt. Entries are never written again once stored (a reuse
     copies the KV prefix out), and the least recently used go first beyond ``max_bytes``.
+
+    A server's cache holds hundreds of entries, so none is scanned: each entry's snapshots and its end
+    are indexed by a hash of the tokens before them, and a lookup hashes its prompt's prefixes once and
+    tries only the positions where some entry has a snapshot, longest first (a hit is then compared
+    token by token).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -361,6 +366,10 @@ class PrefixCache:
         self.nbytes = 0
         self.inserts = 0  # entries stored so far: whether a lookup could find more than last time
         self._entries: OrderedDict[int, tuple[np.ndarray, PromptCache, int]] = OrderedDict()
+        self._snapshots: dict[tuple, set[int]] = {}  # (settings, position, prefix hash) → entries
+        self._ends: dict[tuple, set[int]] = {}  # (settings, length, hash of all tokens) → entries
+        self._positions: Counter = Counter()  # snapshot positions over all entries
+        self._lengths: Counter = Counter()  # entry lengths
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -368,37 +377,39 @@ class PrefixCache:
     def lookup(self, tokens: Sequence[int], settings: dict, beyond: int = 0) -> Optional[PromptCache]:
         """A new cache at the longest stored prefix of ``tokens`` that ends at a snapshot (leaving at
         least one token to feed) past position ``beyond``, or None."""
-        query = np.asarray(tokens)
-        best, best_position = None, beyond
-        for key, (ids, entry, _) in self._entries.items():
-            if entry.settings != settings:
-                continue
-            n = min(len(ids), len(query) - 1)
-            differ = np.flatnonzero(ids[:n] != query[:n])
-            common = int(differ[0]) if differ.size else n
-            position = max((p for p in entry.snapshots if p <= common), default=0)
-            if position > best_position:
-                best, best_position = key, position
-        if best is None:
-            return None
-        self._entries.move_to_end(best)
-        return self._entries[best][1].branch(best_position)
+        query = np.asarray(tokens, dtype=np.int64)
+        hashes, kind = _prefix_hashes(query), _settings_key(settings)
+        for position in sorted((p for p in self._positions if beyond < p < len(query)), reverse=True):
+            for key in self._snapshots.get((kind, position, int(hashes[position - 1])), ()):
+                if np.array_equal(self._entries[key][0][:position], query[:position]):
+                    self._entries.move_to_end(key)
+                    return self._entries[key][1].branch(position)
+        return None
 
     def insert(self, cache: PromptCache) -> None:
         """Keep ``cache`` (which the caller gives up). Entries it extends are merged into it."""
         if cache.rolled or not cache.tokens:
             return
-        ids = np.asarray(cache.tokens)
-        for key, (old_ids, old, _) in list(self._entries.items()):
-            if (old.settings == cache.settings and len(old_ids) <= len(ids)
-                    and np.array_equal(ids[: len(old_ids)], old_ids)):
-                for position, snap in old.snapshots.items():
-                    cache.snapshots.setdefault(position, snap)
-                self._remove(key)
+        ids = np.asarray(cache.tokens, dtype=np.int64)
+        hashes, kind = _prefix_hashes(ids), _settings_key(cache.settings)
+        for length in [n for n in self._lengths if n <= len(ids)]:
+            for key in list(self._ends.get((kind, length, int(hashes[length - 1])), ())):
+                old_ids, old, _ = self._entries[key]
+                if np.array_equal(ids[:length], old_ids):
+                    for position, snap in old.snapshots.items():
+                        cache.snapshots.setdefault(position, snap)
+                    self._remove(key)
         size = cache.nbytes
         if size > self.max_bytes:
             return
-        self._entries[id(cache)] = (ids, cache, size)
+        key = id(cache)
+        self._entries[key] = (ids, cache, size)
+        for position in cache.snapshots:
+            if 0 < position <= len(ids):
+                self._snapshots.setdefault((kind, position, int(hashes[position - 1])), set()).add(key)
+                self._positions[position] += 1
+        self._ends.setdefault((kind, len(ids), int(hashes[-1])), set()).add(key)
+        self._lengths[len(ids)] += 1
         self.nbytes += size
         self.inserts += 1
         while self.nbytes > self.max_bytes:
@@ -407,7 +418,51 @@ class PrefixCache:
     def clear(self) -> None:
         """Drop every entry, freeing its memory."""
         self._entries.clear()
+        self._snapshots.clear()
+        self._ends.clear()
+        self._positions.clear()
+        self._lengths.clear()
         self.nbytes = 0
 
     def _remove(self, key: int) -> None:
-        self.nbytes -= self._entries.pop(key)[2]
+        ids, cache, size = self._entries.pop(key)
+        hashes, kind = _prefix_hashes(ids), _settings_key(cache.settings)
+        for position in cache.snapshots:
+            if 0 < position <= len(ids):
+                _discard(self._snapshots, (kind, position, int(hashes[position - 1])), key)
+                _uncount(self._positions, position)
+        _discard(self._ends, (kind, len(ids), int(hashes[-1])), key)
+        _uncount(self._lengths, len(ids))
+        self.nbytes -= size
+
+
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: its powers modulo 2**64 never vanish
+_hash_powers = np.ones(1, np.uint64)
+
+
+def _prefix_hashes(ids: np.ndarray) -> np.ndarray:
+    """``h[i]``: a hash of ``ids[: i + 1]`` (the tokens weighted by powers of an odd 64-bit number,
+    summed modulo 2**64), for all ``i`` in one pass."""
+    global _hash_powers
+    n = len(ids)
+    if len(_hash_powers) < n:  # grown to twice the longest prompt seen
+        _hash_powers = np.cumprod(np.r_[np.uint64(1), np.full(2 * n - 1, _HASH_BASE, np.uint64)], dtype=np.uint64)
+    return np.cumsum((ids.astype(np.uint64) + np.uint64(1)) * _hash_powers[:n], dtype=np.uint64)
+
+
+def _settings_key(settings: dict) -> tuple:
+    return tuple(sorted(settings.items()))
+
+
+def _discard(index: dict, key: tuple, entry: int) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(entry)
+        if not members:
+            del index[key]
+
+
+def _uncount(counter: Counter, value: int) -> None:
+    counter[value] -= 1
+    if counter[value] <= 0:
+        del counter[value]

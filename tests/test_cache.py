@@ -136,3 +136,67 @@ def test_reuse_keeps_the_live_state_when_the_prompt_extends_it(tiny):
     assert cache.reuse([5, 6, 7, 8, 9, 10]) == 4
     assert cache.reuse([5, 6, 7, 8]) == 0 and cache.tokens == []  # no snapshot at 3: start over
     assert all(c.offset == 0 for c in cache.layers if isinstance(c, (KVCache, ConvCache)))
+
+
+class StoredState:
+    """What ``PrefixCache`` reads of a ``PromptCache``: its tokens, snapshot positions, settings and size;
+    ``branch(p)`` says where a reuse was taken."""
+
+    def __init__(self, tokens: list[int], snapshots: list[int], settings: dict, nbytes: int = 100):
+        self.tokens, self.snapshots, self.settings, self.nbytes = tokens, dict.fromkeys(snapshots), settings, nbytes
+        self.rolled = False
+
+    def branch(self, position: int) -> tuple:
+        return tuple(self.tokens[:position]), position, tuple(sorted(self.settings.items()))
+
+
+def test_prefix_lookups_find_the_longest_stored_prefix_at_a_snapshot_among_many_entries():
+    """The indexed lookup equals its definition (scan every entry of the same settings: the longest
+    snapshot position at which the entry's tokens and the prompt agree, leaving one token to feed,
+    past ``beyond``) over hundreds of entries sharing prefixes, with merges and evictions."""
+    from lfm_mlx.cache import PrefixCache
+
+    rng = np.random.default_rng(0)
+    stems = [rng.integers(0, 6, size=int(rng.integers(1, 30))).tolist() for _ in range(12)]
+    settings = [dict(max_kv_size=None, keep=4, kv_bits=None), dict(max_kv_size=64, keep=4, kv_bits=None)]
+
+    def sequence() -> list[int]:
+        tokens = list(stems[int(rng.integers(len(stems)))])
+        while rng.random() < 0.6:
+            tokens += rng.integers(0, 6, size=int(rng.integers(1, 12))).tolist()
+        return tokens
+
+    def expected(entries: list[StoredState], query: list[int], kind: dict, beyond: int):
+        best = None
+        for e in entries:
+            if e.settings != kind:
+                continue
+            agree = next((i for i, (a, b) in enumerate(zip(e.tokens, query)) if a != b), min(len(e.tokens), len(query)))
+            position = max((p for p in e.snapshots if beyond < p <= agree and p < len(query)), default=0)
+            if position and (best is None or position > best[1]):
+                best = e.branch(position)
+        return best
+
+    store, live = PrefixCache(max_bytes=300 * 100), {}
+    hits = 0
+    for step in range(1500):
+        if rng.random() < 0.4:
+            tokens = sequence()
+            snaps = sorted({int(p) for p in rng.integers(1, len(tokens) + 1, size=3)} | {len(tokens)})
+            entry = StoredState(tokens, snaps, settings[int(rng.integers(2))])
+            extended = [k for k, e in live.items() if e.settings == entry.settings and e.tokens == tokens[: len(e.tokens)]]
+            store.insert(entry)
+            for k in extended:  # merged into the new entry: their snapshots carried over
+                live.pop(k)
+            live[id(entry)] = entry
+            while len(live) > len(store):  # evicted, oldest first (lookups move hits to the end)
+                live.pop(next(k for k in live if k not in store._entries))
+            assert set(live) == set(store._entries)
+        else:
+            query, kind, beyond = sequence(), settings[int(rng.integers(2))], int(rng.integers(0, 3))
+            found = store.lookup(query, kind, beyond=beyond)
+            assert found == expected(list(live.values()), query, kind, beyond)
+            hits += found is not None
+    assert hits > 100 and len(store) > 150
+    store.clear()
+    assert len(store) == 0 and store.lookup(stems[0] + [1], settings[0]) is None
