@@ -1,14 +1,16 @@
 """Soak the app as careless and hostile clients would: ``python -m app.soak [--minutes 10] [--clients 16]``.
 
-Starts ``python -m app`` (the demo model unless ``--model``) on a free loopback port, measures normal
-requests alone, then lets ``--clients`` clients loose for ``--minutes``: each picks, at random, a
-normal chat (the OpenAI route, streamed), a normal extraction (the app's ``/extract`` API), a reply
-that would run forever (``max_tokens=10**12``) or a stream it abandons after the first chunk, a 1 MB
-message or document, a malformed body, bad sampling values, a bad or cyclic schema, an unknown role or
-an invalid tool-call history. Every request has a deadline; nothing leaves the machine. It prints
-requests served by kind, the latency of the normal ones (alone and under the soak), outcomes by kind,
-the app's resident memory over time, and whether the app still answers at the end; the exit status
-is non-zero if it does not, if a client got stuck, or if the app crashed.
+Starts ``python -m app`` (the demo model unless ``--model``) on a free loopback port and measures
+normal requests alone; then ``--clients`` clients send only normal requests for
+``--normal-only-minutes`` (the latency their own number gives); then they are let loose for
+``--minutes``: each picks, at random, a normal chat (the OpenAI route, streamed), a normal extraction
+(the app's ``/extract`` API), a reply that would run forever (``max_tokens=10**12``) or a stream it
+abandons after the first chunk, a 1 MB message or document, a malformed body, bad sampling values, a
+bad or cyclic schema, an unknown role or an invalid tool-call history. Every request has a deadline;
+nothing leaves the machine. It prints requests served by kind, the latency of the normal ones (alone,
+normal-only and under the soak), outcomes by kind, the app's resident memory over time, and whether
+the app still answers at the end; the exit status is non-zero if it does not, if a client got stuck,
+or if the app crashed.
 
 A program, not a test: it runs for minutes and its numbers depend on the machine.
 """
@@ -198,13 +200,13 @@ MOVES = [  # (weight, name, move, is it a normal request, runs in a thread)
 ]
 
 
-async def client(url: str, seed: int, until: float, records: list) -> None:
+async def client(url: str, seed: int, until: float, records: list, moves: list = MOVES) -> None:
     rng = random.Random(seed)
-    weights = [m[0] for m in MOVES]
+    weights = [m[0] for m in moves]
     user = GradioUser(url)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(DEADLINE_S, connect=10)) as http:
         while time.monotonic() < until:
-            _, name, move, normal, threaded = rng.choices(MOVES, weights)[0]
+            _, name, move, normal, threaded = rng.choices(moves, weights)[0]
             start = time.monotonic()
             try:
                 call = asyncio.to_thread(move, user, random.Random(rng.random())) if threaded else move(http, rng)
@@ -215,6 +217,12 @@ async def client(url: str, seed: int, until: float, records: list) -> None:
                 outcome = f"{type(e).__name__}: {str(e)[:80]}"
             records.append({"move": name, "normal": normal, "outcome": outcome, "seconds": time.monotonic() - start})
     await asyncio.to_thread(user.close)
+
+
+async def clients(url: str, n: int, minutes: float, records: list, moves: list) -> None:
+    """``n`` clients making ``moves`` for ``minutes``, each starting its next move when one ends."""
+    until = time.monotonic() + minutes * 60
+    await asyncio.gather(*(client(url, seed, until, records, moves) for seed in range(n)))
 
 
 async def baseline(url: str, n: int) -> dict[str, list[float]]:
@@ -253,12 +261,18 @@ def still_answers(url: str) -> bool:
         return False
 
 
-def report(records: list, alone: dict[str, list[float]], memory: list[tuple[float, float]], answering: bool,
-           crashed: bool, minutes: float, clients: int) -> str:
+def served(records: list) -> dict[str, list[float]]:
+    """The latencies of the normal requests that were served, by move."""
     normal = defaultdict(list)
     for r in records:
         if r["normal"] and r["outcome"] == "ok":
             normal[r["move"]].append(r["seconds"])
+    return normal
+
+
+def report(records: list, alone: dict[str, list[float]], only_normal: dict[str, list[float]],
+           memory: list[tuple[float, float]], answering: bool, crashed: bool, minutes: float, clients: int) -> str:
+    normal = served(records)
     lines = [f"soak: {clients} clients for {minutes:g} min, {len(records)} requests",
              "", f"{'move':20s} {'sent':>6s}  outcomes"]
     by_move = defaultdict(Counter)
@@ -267,16 +281,21 @@ def report(records: list, alone: dict[str, list[float]], memory: list[tuple[floa
     for name in (m[1] for m in MOVES):
         outcomes = ", ".join(f"{k} ×{v}" for k, v in by_move[name].most_common())
         lines.append(f"{name:20s} {sum(by_move[name].values()):6d}  {outcomes}")
-    lines += ["", f"latency of normal requests (s)  {'alone p50':>9s} {'p95':>6s}  {'soak p50':>8s} {'p95':>6s}  "
-              f"{'p95 ratio':>9s}"]
+    lines += ["", f"latency of normal requests (s)  {'alone p50':>9s} {'p95':>6s}  {'normal-only p50':>15s} {'p95':>6s}  "
+              f"{'soak p50':>8s} {'p95':>6s}  {'soak/alone':>10s} {'soak/normal-only':>16s}"]
     ratios = []
     for name in alone:
+        own = only_normal.get(name, [])
         ratios.append(percentile(normal[name], .95) / percentile(alone[name], .95))
         lines.append(f"{name:31s} {percentile(alone[name], .5):9.2f} {percentile(alone[name], .95):6.2f}  "
-                     f"{percentile(normal[name], .5):8.2f} {percentile(normal[name], .95):6.2f}  {ratios[-1]:8.2f}x")
+                     f"{percentile(own, .5):15.2f} {percentile(own, .95):6.2f}  "
+                     f"{percentile(normal[name], .5):8.2f} {percentile(normal[name], .95):6.2f}  {ratios[-1]:9.2f}x "
+                     f"{percentile(normal[name], .95) / percentile(own, .95):15.2f}x")
     rss = [m for _, m in memory]
     third = max(1, len(rss) // 3)
-    lines += [f"worst p95 under the soak / p95 alone: {max(ratios):.2f}x", "",
+    lines += [f"(p95 ratios; normal-only: the same {clients} clients sending only normal requests, the load they put on"
+              " the app by themselves)",
+              f"worst p95 under the soak / p95 alone: {max(ratios):.2f}x", "",
               f"resident memory (MB): start {rss[0]:.0f}, peak {max(rss):.0f}, end {rss[-1]:.0f}; "
               f"mean of the first third {statistics.mean(rss[:third]):.0f}, of the last third "
               f"{statistics.mean(rss[-third:]):.0f}" if rss else "resident memory: not measured",
@@ -303,10 +322,12 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--model", help="a local checkpoint (default: the random-weight demo model)")
     p.add_argument("--baseline", type=int, default=10, help="normal chats and extractions (each) measured on the idle app first")
+    p.add_argument("--normal-only-minutes", type=float, default=1.0,
+                   help="then the same clients sending only normal requests, for this long: the latency their own load gives")
     p.add_argument("--json", help="also write every request's record here")
     args = p.parse_args(argv)
-    if args.minutes <= 0 or args.clients < 1 or args.baseline < 1:
-        p.error("--minutes, --clients and --baseline must be positive")
+    if args.minutes <= 0 or args.clients < 1 or args.baseline < 1 or args.normal_only_minutes <= 0:
+        p.error("--minutes, --clients, --baseline and --normal-only-minutes must be positive")
     app = App(args.model)
     memory: list[tuple[float, float]] = []
     done = threading.Event()
@@ -318,15 +339,12 @@ def main(argv: Optional[list] = None) -> int:
     try:
         app.wait_ready()
         alone = asyncio.run(baseline(app.url, args.baseline))
+        only_normal: list = []
+        asyncio.run(clients(app.url, args.clients, args.normal_only_minutes, only_normal, [m for m in MOVES if m[3]]))
         memory.append((time.monotonic(), app.rss_mb()))
         threading.Thread(target=sample, daemon=True).start()
         records: list = []
-        until = time.monotonic() + args.minutes * 60
-
-        async def soak() -> None:
-            await asyncio.gather(*(client(app.url, seed, until, records) for seed in range(args.clients)))
-
-        asyncio.run(soak())
+        asyncio.run(clients(app.url, args.clients, args.minutes, records, MOVES))
         done.set()
         crashed = app.process.poll() is not None
         answering = not crashed and still_answers(app.url)
@@ -337,11 +355,12 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         done.set()
         app.stop()
-    print(report(records, alone, memory, answering, crashed, args.minutes, args.clients))
+    print(report(records, alone, served(only_normal), memory, answering, crashed, args.minutes, args.clients))
     tracebacks = app.log.read_text(errors="replace").count("Traceback")
     print(f"tracebacks in the app's log: {tracebacks} ({app.log})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"records": records, "alone": alone, "memory": memory}, indent=1))
+        Path(args.json).write_text(json.dumps({"records": records, "alone": alone, "normal_only": only_normal,
+                                                  "memory": memory}, indent=1))
     stuck = any(r["outcome"] == "STUCK" for r in records)
     return 0 if answering and not stuck and not crashed else 1
 

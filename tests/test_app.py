@@ -595,3 +595,18 @@ def test_the_soak_reports_the_peak_memory_of_each_minute():
     samples = [(100.0, 400.0), (130.0, 450.0), (161.0, 500.0), (219.0, 480.0), (230.0, 470.0)]
     assert by_minute(samples) == "resident memory by minute (MB, peak of each): 450 500 470"
     assert by_minute([]) == ""
+
+
+def test_the_soak_separates_what_hostile_clients_cost_from_what_the_clients_number_costs():
+    from app.soak import report, served
+
+    def rec(move, seconds, outcome="ok", normal=True):
+        return {"move": move, "normal": normal, "outcome": outcome, "seconds": seconds}
+
+    alone = {"normal chat": [0.1] * 20}
+    only_normal = served([rec("normal chat", 0.4)] * 20 + [rec("normal chat", 9.0, outcome="chat: HTTP 500")])
+    soak = [rec("normal chat", 0.5)] * 20 + [rec("1 MB message", 0.01, "refused 400", normal=False)]
+    text = report(soak, alone, only_normal, [(0.0, 400.0), (70.0, 420.0)], True, False, 1, 16)
+    row = [line for line in text.splitlines() if line.startswith("normal chat")][-1]  # the latency row
+    assert row.split()[-6:] == ["0.40", "0.40", "0.50", "0.50", "5.00x", "1.25x"]
+    assert "worst p95 under the soak / p95 alone: 5.00x" in text
