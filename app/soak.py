@@ -97,8 +97,8 @@ async def normal_chat(http: httpx.AsyncClient, rng: random.Random) -> str:
 
 class GradioUser:
     """One user of the app's own API (``/extract``): one ``gradio_client.Client``, made at first use and
-    kept, as a script or pipeline keeps it. (Making a client fetches the app's config and API info: 1.1 s
-    and 0.14 s of the app's CPU each time, which would be measured as the extraction's latency.)"""
+    kept, as a script or pipeline keeps it. (Making a client fetches the app's config and API info: about
+    a second and 75 ms of the app's CPU each time, which would be measured as the extraction's latency.)"""
 
     def __init__(self, url: str):
         self.url = url
