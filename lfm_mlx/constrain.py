@@ -578,6 +578,7 @@ class GrammarConstraint:
         self._draft_masks: list[np.ndarray] = []  # the mask there
         self._closing: list[int] = []  # forced tokens once the budget runs out
         self._close_len = 0
+        self._plan: tuple[int, ...] = ()  # the last closing plan made (it ends with EOS)
         self._guard: int | None = None  # near the end of the budget: the closing plan's next token
         self.closed_by_budget = False  # the budget ran low and the output was closed early
         self.generated: list[int] = []
@@ -647,7 +648,7 @@ class GrammarConstraint:
         """Keep the first `n` drafts `check_drafts` consumed, forget the rest."""
         if len(self._draft_states) - 1 > n:
             self._matcher.rollback(len(self._draft_states) - 1 - n)
-        (size, self._position, self._decided, closing, self._close_len, self._guard,
+        (size, self._position, self._decided, closing, self._close_len, self._plan, self._guard,
          self.closed_by_budget) = self._draft_states[n]
         self._closing = list(closing)
         del self.generated[size:]
@@ -656,7 +657,7 @@ class GrammarConstraint:
     def _state(self) -> tuple:
         """What a mask computation may change, besides the matcher (which rolls back by itself)."""
         return (len(self.generated), self._position, self._decided, tuple(self._closing), self._close_len,
-                self._guard, self.closed_by_budget)
+                self._plan, self._guard, self.closed_by_budget)
 
     def _forced_next(self) -> int | None:
         """The token this position must take, decided once per position: the closing plan's
@@ -697,15 +698,19 @@ class GrammarConstraint:
         return self._vocab.shortest[self._grammar]
 
     def _maybe_close(self) -> None:
-        """Re-plan the closing sequence every step near the end of the budget (and every
-        8 tokens before); there the model may only continue or close what is open, or follow
-        the plan, so the plan keeps fitting; force it once it fits with FORCE_SLACK to spare."""
+        """Check the closing plan every step near the end of the budget (and every 8 tokens
+        before), planning anew when the last plan no longer closes the document; there the model
+        may only continue or close what is open, or follow the plan, so the plan keeps fitting;
+        force it once it fits with FORCE_SLACK to spare."""
         remaining = self.max_tokens - len(self.generated)
         zone = 2 * (self._close_len + FORCE_SLACK) + self._reserve()
         if remaining > zone and len(self.generated) % 8:
             return
-        last = self._ll.decode_bytes(self.generated[-1:])[-1:] or b'"'
-        plan = self._closing_plan(remaining, self._matcher.deep_copy(), self._position, last)
+        plan = self._plan_still_closing(remaining)
+        if plan is None:
+            last = self._ll.decode_bytes(self.generated[-1:])[-1:] or b'"'
+            plan = self._closing_plan(remaining, self._matcher.deep_copy(), self._position, last)
+        self._plan = tuple(plan or ())
         self._guard = None
         if plan is None:
             return  # cannot close within the budget: leave it to the model
@@ -714,6 +719,16 @@ class GrammarConstraint:
             self._closing, self.closed_by_budget = plan, True
         elif remaining <= 2 * (len(plan) + FORCE_SLACK) + self._reserve():
             self._guard = plan[0]
+
+    def _plan_still_closing(self, limit: int) -> list[int] | None:
+        """The last plan, if it still completes the document from here within ``limit`` tokens: the
+        usual case while the model writes inside a string, where making a plan anew (a mask per
+        token of it) was most of an extraction step's grammar work."""
+        body = list(self._plan[:-1])
+        if not body or len(body) > limit:
+            return None
+        matcher = self._matcher.deep_copy()
+        return list(self._plan) if matcher.consume_tokens(body) and matcher.is_accepting() else None
 
     def _reserve(self) -> int:
         """Room kept for what one token may open before the zone is checked every step: the

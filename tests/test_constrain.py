@@ -117,6 +117,31 @@ def test_token_budget_forces_an_unbounded_document_closed(budget):
     assert EOS not in out and len(out) == budget
 
 
+def test_the_closing_plan_is_made_anew_only_when_the_last_one_no_longer_closes_the_document(monkeypatch):
+    """Near the end of the budget the plan is checked every step; while the model writes inside a
+    string the last plan still closes the document and is kept (checked by consuming it), instead of
+    a mask per token of a new one. The budget still closes every document."""
+    checks, made = [], []
+    keep, plan = GrammarConstraint._plan_still_closing, GrammarConstraint._closing_plan
+
+    def checked(self, limit):
+        kept = keep(self, limit)
+        if kept is not None:
+            matcher = self._matcher.deep_copy()
+            assert kept[-1] == EOS and len(kept) - 1 <= limit
+            assert matcher.consume_tokens(kept[:-1]) and matcher.is_accepting()
+        checks.append(kept is not None)
+        return kept
+
+    monkeypatch.setattr(GrammarConstraint, "_plan_still_closing", checked)
+    monkeypatch.setattr(GrammarConstraint, "_closing_plan", lambda self, *a: made.append(1) or plan(self, *a))
+    for seed in range(3):
+        constraint = JSONConstraint(TOKENIZER, UNBOUNDED, vocab_size=VOCAB, max_tokens=100)
+        assert_valid_document(decode(constraint, seed, 1.0, 100), UNBOUNDED, 100)
+    assert len(checks) > 100 and sum(checks) > len(checks) / 2
+    assert len(made) < len(checks) / 2
+
+
 FORMATS_AND_PATTERN = {
     "type": "object",
     "properties": {
