@@ -365,7 +365,8 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.inserts = 0  # entries stored so far: whether a lookup could find more than last time
-        self._entries: OrderedDict[int, tuple[np.ndarray, PromptCache, int]] = OrderedDict()
+        # key → (tokens, cache, bytes, the snapshot positions indexed)
+        self._entries: OrderedDict[int, tuple[np.ndarray, PromptCache, int, tuple]] = OrderedDict()
         self._snapshots: dict[tuple, set[int]] = {}  # (settings, position, prefix hash) → entries
         self._ends: dict[tuple, set[int]] = {}  # (settings, length, hash of all tokens) → entries
         self._positions: Counter = Counter()  # snapshot positions over all entries
@@ -394,7 +395,7 @@ class PrefixCache:
         hashes, kind = _prefix_hashes(ids), _settings_key(cache.settings)
         for length in [n for n in self._lengths if n <= len(ids)]:
             for key in list(self._ends.get((kind, length, int(hashes[length - 1])), ())):
-                old_ids, old, _ = self._entries[key]
+                old_ids, old, _, _ = self._entries[key]
                 if np.array_equal(ids[:length], old_ids):
                     for position, snap in old.snapshots.items():
                         cache.snapshots.setdefault(position, snap)
@@ -402,12 +403,11 @@ class PrefixCache:
         size = cache.nbytes
         if size > self.max_bytes:
             return
-        key = id(cache)
-        self._entries[key] = (ids, cache, size)
-        for position in cache.snapshots:
-            if 0 < position <= len(ids):
-                self._snapshots.setdefault((kind, position, int(hashes[position - 1])), set()).add(key)
-                self._positions[position] += 1
+        key, positions = id(cache), tuple(p for p in cache.snapshots if 0 < p <= len(ids))
+        self._entries[key] = (ids, cache, size, positions)
+        for position in positions:
+            self._snapshots.setdefault((kind, position, int(hashes[position - 1])), set()).add(key)
+            self._positions[position] += 1
         self._ends.setdefault((kind, len(ids), int(hashes[-1])), set()).add(key)
         self._lengths[len(ids)] += 1
         self.nbytes += size
@@ -425,12 +425,11 @@ class PrefixCache:
         self.nbytes = 0
 
     def _remove(self, key: int) -> None:
-        ids, cache, size = self._entries.pop(key)
+        ids, cache, size, positions = self._entries.pop(key)
         hashes, kind = _prefix_hashes(ids), _settings_key(cache.settings)
-        for position in cache.snapshots:
-            if 0 < position <= len(ids):
-                _discard(self._snapshots, (kind, position, int(hashes[position - 1])), key)
-                _uncount(self._positions, position)
+        for position in positions:
+            _discard(self._snapshots, (kind, position, int(hashes[position - 1])), key)
+            _uncount(self._positions, position)
         _discard(self._ends, (kind, len(ids), int(hashes[-1])), key)
         _uncount(self._lengths, len(ids))
         self.nbytes -= size
