@@ -270,9 +270,14 @@ def served(records: list) -> dict[str, list[float]]:
     return normal
 
 
-def report(records: list, alone: dict[str, list[float]], only_normal: dict[str, list[float]],
+def stuck(records: list) -> int:
+    """Requests still unanswered at their deadline."""
+    return sum(r["outcome"] == "STUCK" for r in records)
+
+
+def report(records: list, alone: dict[str, list[float]], only_normal_records: list,
            memory: list[tuple[float, float]], answering: bool, crashed: bool, minutes: float, clients: int) -> str:
-    normal = served(records)
+    normal, only_normal = served(records), served(only_normal_records)
     lines = [f"soak: {clients} clients for {minutes:g} min, {len(records)} requests",
              "", f"{'move':20s} {'sent':>6s}  outcomes"]
     by_move = defaultdict(Counter)
@@ -281,11 +286,12 @@ def report(records: list, alone: dict[str, list[float]], only_normal: dict[str, 
     for name in (m[1] for m in MOVES):
         outcomes = ", ".join(f"{k} ×{v}" for k, v in by_move[name].most_common())
         lines.append(f"{name:20s} {sum(by_move[name].values()):6d}  {outcomes}")
-    lines += ["", f"latency of normal requests (s)  {'alone p50':>9s} {'p95':>6s}  {'normal-only p50':>15s} {'p95':>6s}  "
+    lines += ["", f"latency of normal requests (s)  {'alone p50':>9s} {'p95':>6s}  "
+              f"{'normal-only p50':>15s} {'p95':>6s}  "
               f"{'soak p50':>8s} {'p95':>6s}  {'soak/alone':>10s} {'soak/normal-only':>16s}"]
     ratios = []
     for name in alone:
-        own = only_normal.get(name, [])
+        own = only_normal[name]
         ratios.append(percentile(normal[name], .95) / percentile(alone[name], .95))
         lines.append(f"{name:31s} {percentile(alone[name], .5):9.2f} {percentile(alone[name], .95):6.2f}  "
                      f"{percentile(own, .5):15.2f} {percentile(own, .95):6.2f}  "
@@ -300,7 +306,7 @@ def report(records: list, alone: dict[str, list[float]], only_normal: dict[str, 
               f"mean of the first third {statistics.mean(rss[:third]):.0f}, of the last third "
               f"{statistics.mean(rss[-third:]):.0f}" if rss else "resident memory: not measured",
               by_minute(memory),
-              f"stuck clients: {sum(r['outcome'] == 'STUCK' for r in records)}; app crashed: {crashed}; "
+              f"stuck clients: {stuck(records + only_normal_records)}; app crashed: {crashed}; "
               f"still answering at the end: {answering}"]
     return "\n".join(lines)
 
@@ -323,7 +329,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--model", help="a local checkpoint (default: the random-weight demo model)")
     p.add_argument("--baseline", type=int, default=10, help="normal chats and extractions (each) measured on the idle app first")
     p.add_argument("--normal-only-minutes", type=float, default=1.0,
-                   help="then the same clients sending only normal requests, for this long: the latency their own load gives")
+                   help="then the same clients sending only normal requests for this long: what their own load costs")
     p.add_argument("--json", help="also write every request's record here")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1 or args.baseline < 1 or args.normal_only_minutes <= 0:
@@ -355,14 +361,13 @@ def main(argv: Optional[list] = None) -> int:
     finally:
         done.set()
         app.stop()
-    print(report(records, alone, served(only_normal), memory, answering, crashed, args.minutes, args.clients))
+    print(report(records, alone, only_normal, memory, answering, crashed, args.minutes, args.clients))
     tracebacks = app.log.read_text(errors="replace").count("Traceback")
     print(f"tracebacks in the app's log: {tracebacks} ({app.log})")
     if args.json:
         Path(args.json).write_text(json.dumps({"records": records, "alone": alone, "normal_only": only_normal,
                                                   "memory": memory}, indent=1))
-    stuck = any(r["outcome"] == "STUCK" for r in records)
-    return 0 if answering and not stuck and not crashed else 1
+    return 0 if answering and not stuck(records + only_normal) and not crashed else 1
 
 
 if __name__ == "__main__":

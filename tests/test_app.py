@@ -598,15 +598,17 @@ def test_the_soak_reports_the_peak_memory_of_each_minute():
 
 
 def test_the_soak_separates_what_hostile_clients_cost_from_what_the_clients_number_costs():
-    from app.soak import report, served
+    from app.soak import report
 
     def rec(move, seconds, outcome="ok", normal=True):
         return {"move": move, "normal": normal, "outcome": outcome, "seconds": seconds}
 
     alone = {"normal chat": [0.1] * 20}
-    only_normal = served([rec("normal chat", 0.4)] * 20 + [rec("normal chat", 9.0, outcome="chat: HTTP 500")])
+    only_normal = [rec("normal chat", 0.4)] * 20 + [rec("normal chat", 9.0, "chat: HTTP 500"),
+                                                     rec("normal chat", 120, "STUCK")]
     soak = [rec("normal chat", 0.5)] * 20 + [rec("1 MB message", 0.01, "refused 400", normal=False)]
     text = report(soak, alone, only_normal, [(0.0, 400.0), (70.0, 420.0)], True, False, 1, 16)
     row = [line for line in text.splitlines() if line.startswith("normal chat")][-1]  # the latency row
     assert row.split()[-6:] == ["0.40", "0.40", "0.50", "0.50", "5.00x", "1.25x"]
     assert "worst p95 under the soak / p95 alone: 5.00x" in text
+    assert "stuck clients: 1;" in text  # a request stuck in either phase is counted

@@ -184,7 +184,8 @@ def test_prefix_lookups_find_the_longest_stored_prefix_at_a_snapshot_among_many_
             tokens = sequence()
             snaps = sorted({int(p) for p in rng.integers(1, len(tokens) + 1, size=3)} | {len(tokens)})
             entry = StoredState(tokens, snaps, settings[int(rng.integers(2))])
-            extended = [k for k, e in live.items() if e.settings == entry.settings and e.tokens == tokens[: len(e.tokens)]]
+            extended = [k for k, e in live.items()
+                        if e.settings == entry.settings and e.tokens == tokens[: len(e.tokens)]]
             store.insert(entry)
             for k in extended:  # merged into the new entry: their snapshots carried over
                 live.pop(k)
