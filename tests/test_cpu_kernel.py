@@ -272,17 +272,21 @@ def test_int8_kernel_is_exactly_the_rounded_product(bits, group_size, int8_path)
     assert relative_error(out, rounded) < 1e-5
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 128), (8, 64), (4, 32)])
-def test_amx_tiles_equal_the_simd_kernel_at_any_number_of_rows(bits, group_size):
+@pytest.mark.parametrize("bits,group_size,in_features", [(4, 64, 1152), (4, 128, 1152), (8, 64, 1152), (4, 32, 1152),
+                                                         (4, 64, 2048), (8, 128, 2048)])
+def test_amx_tiles_equal_the_simd_kernel_at_any_number_of_rows(bits, group_size, in_features):
     """AMX takes every product of the int8 path, from one decode row to a whole prompt (tiles of 16
     rows, the last one partial; one to eight rows share a tile between the two digits), with the
-    SIMD kernel's integers; a row's result is bit-identical whatever rows share its product."""
+    SIMD kernel's integers; a row's result is bit-identical whatever rows share its product. At 2048
+    inputs, 300 rows' digits (1.2 MB) are over the 1 MB kept in L2, so the blocks go in two ranges
+    (26 and 6) whose sums carry over; fewer rows take one range."""
     needs_kernel()
     ext = cpu_kernel.extension()
     if not ext.amx():
         pytest.skip("no Intel AMX here (CPU or OS): the SIMD int8 kernel is the one this machine runs")
-    layer = quantized_layer(336, 1152, bits, group_size, seed=4)  # 21 tiles of weight rows, 18 blocks
-    x = mx.random.normal((300, 1152), key=mx.random.key(5)) * mx.random.uniform(0.1, 3, (300, 1), key=mx.random.key(6))
+    layer = quantized_layer(336, in_features, bits, group_size, seed=4)  # 21 tiles of weight rows
+    scale = mx.random.uniform(0.1, 3, (300, 1), key=mx.random.key(6))
+    x = mx.random.normal((300, in_features), key=mx.random.key(5)) * scale
     try:
         ext.amx(False)
         simd = cpu_kernel.quantized_matmul(x, layer, int8=True)
@@ -293,7 +297,7 @@ def test_amx_tiles_equal_the_simd_kernel_at_any_number_of_rows(bits, group_size)
             assert mx.array_equal(cpu_kernel.quantized_matmul(x[:m], layer, int8=True), amx[:m]).item(), m
         assert mx.array_equal(cpu_kernel.quantized_matmul(x[7:8], layer, int8=True), amx[7:8]).item()
         # Weight rows not in whole tiles of 16: the SIMD kernel takes the product.
-        odd = quantized_layer(40, 1152, bits, group_size, seed=7)
+        odd = quantized_layer(40, in_features, bits, group_size, seed=7)
         assert relative_error(cpu_kernel.quantized_matmul(x[:3], odd, int8=True),
                               int8_reference(np.asarray(x[:3]), odd)) < 1e-5
     finally:

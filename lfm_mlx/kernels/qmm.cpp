@@ -636,8 +636,15 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
     Pool::get().run((M + chunk - 1) / chunk, [&](int i) { quantize_rows(i * chunk, std::min(M, (i + 1) * chunk)); });
   }
   // Weight rows n0 .. n0 + 15 in tile layout (B: per block, BLOCK / 4 rows of 16 x 4 codes), then
-  // against every tile of x.
-  auto weight_tiles = [&](int t0, int t1) {
+  // against every tile of x; blocks ka0 .. ka1 - 1 of the weights' tiles t0 .. t1 - 1.
+  const int tiles_n = N / 16;
+  // Many rows: a range of blocks of every tile of x's digits is read once per 16 weight rows, so the
+  // range is cut to keep it in L2 (1 MB); the sums of a tile of x carry over from one range to the
+  // next in partials, one 16 x 16 per weight tile and x tile (block order, so results are unchanged).
+  const long x_tile_block = 2L * 16 * BLOCK;
+  const int x_range = std::max(1, std::min<int>(blocks, (1L << 20) / (tiles_m * x_tile_block)));
+  std::vector<float> partials(x_range < blocks ? (size_t)tiles_n * tiles_m * 256 : 0);
+  auto weight_tiles = [&](int t0, int t1, int ka0, int ka1) {
     thread_local std::vector<uint8_t> buffer;  // B tiles, then the weight rows' scales and biases
     buffer.resize((size_t)K * 16 + (size_t)G * 16 * 2 * sizeof(float) + 64);
     uint8_t* b = reinterpret_cast<uint8_t*>(((uintptr_t)buffer.data() + 63) & ~(uintptr_t)63);
@@ -645,26 +652,26 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
     float* biases_t = scales_t + (size_t)G * 16;
     alignas(64) float partial[16 * 16];
     // One tile of x: the weights' tiles a range of blocks at a time (16 KB, in L1 while used; 4 KB
-    // beside 16 rows, whose digits fill most of L1); more tiles of x: all blocks, each tile reused by
-    // every tile of x.
+    // beside 16 rows, whose digits fill most of L1); more tiles of x: all blocks of the range, each
+    // tile reused by every tile of x.
     const bool few_rows = M <= 8;
-    const int range = tiles_m > 1 ? blocks : few_rows ? 16 : 4;
+    const int range = tiles_m > 1 ? ka1 - ka0 : few_rows ? 16 : 4;
     for (int t = t0; t < t1; t++) {
       const int n0 = t * 16;
       for (int g = 0; g < G; g += 16) {
         transpose16(scales + (long)n0 * G + g, G, std::min(16, G - g), scales_t + g * 16);
         transpose16(biases + (long)n0 * G + g, G, std::min(16, G - g), biases_t + g * 16);
       }
-      for (int kb0 = 0; kb0 < blocks; kb0 += range) {
-        const int kb1 = std::min(blocks, kb0 + range);
+      for (int kb0 = ka0; kb0 < ka1; kb0 += range) {
+        const int kb1 = std::min(ka1, kb0 + range);
         for (int c = kb0 * BITS / 4; c < kb1 * BITS / 4; c++) {  // 32 bytes: a block at 4 bits, half of one at 8
           weight_chunk<BITS>(w + n0 * row_bytes + c * 32, row_bytes, b + (long)(c - kb0 * BITS / 4) * (8 / BITS) * 8 * 64);
           // What comes next (these rows' next range of blocks, or the next 16 rows' first), a cache line
           // of each row at a time into L2: 16 streams are more than the hardware's prefetcher keeps
           // ahead of, and in L1 (but beside a few rows) they would push out the digits of x.
-          const long ahead = kb1 < blocks ? n0 * row_bytes + (c + (kb1 - kb0) * BITS / 4) * 32
-                                          : (n0 + 16) * row_bytes + (c - kb0 * BITS / 4) * 32;
-          if (c % 2 == 0 && (kb1 < blocks || t + 1 < t1)) {  // (a prefetch past the end does no harm)
+          const long ahead = kb1 < ka1 ? n0 * row_bytes + (c + (kb1 - kb0) * BITS / 4) * 32
+                                       : (n0 + 16) * row_bytes + (c - (kb0 - ka0) * BITS / 4) * 32;
+          if (c % 2 == 0 && (kb1 < ka1 || t + 1 < t1)) {  // (a prefetch past the end does no harm)
             for (int i = 0; i < 16; i++) {
               const char* line = (const char*)(w + ahead + i * row_bytes);
               few_rows ? _mm_prefetch(line, _MM_HINT_T0) : _mm_prefetch(line, _MM_HINT_T1);
@@ -675,10 +682,11 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
           const int8_t* at = a.data() + (size_t)tm * blocks * 2 * 16 * BLOCK;
           const float *dt = d.data() + (size_t)tm * 16 * blocks, *xt = xsum.data() + (size_t)tm * 16 * G;
           float* yt = y + (long)tm * 16 * N + n0;
+          float* pt = partials.empty() ? partial : partials.data() + ((size_t)t * tiles_m + tm) * 256;
           switch (std::min(16, M - tm * 16)) {
-#define TILE(R)                                                                                                \
-  case R:                                                                                                      \
-    amx_tile<R>(at, b, dt, scales_t, biases_t, xt, yt, N, blocks, G, group_size / BLOCK, kb0, kb1, partial); \
+#define TILE(R)                                                                                            \
+  case R:                                                                                                  \
+    amx_tile<R>(at, b, dt, scales_t, biases_t, xt, yt, N, blocks, G, group_size / BLOCK, kb0, kb1, pt); \
     break;
             TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
             TILE(9) TILE(10) TILE(11) TILE(12) TILE(13) TILE(14) TILE(15) TILE(16)
@@ -689,13 +697,15 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
     }
   };
   Pool& pool = Pool::get();
-  const int tiles_n = N / 16;
-  if (pool.size() == 1 || (long)N * K * tiles_m < (1L << 18)) {
-    weight_tiles(0, tiles_n);
-    return;
+  for (int ka0 = 0; ka0 < blocks; ka0 += x_range) {
+    const int ka1 = std::min(blocks, ka0 + x_range);
+    if (pool.size() == 1 || (long)N * K * tiles_m < (1L << 18)) {
+      weight_tiles(0, tiles_n, ka0, ka1);
+      continue;
+    }
+    const int chunk = std::max(1, tiles_n / (pool.size() * 16));
+    pool.run((tiles_n + chunk - 1) / chunk, [&](int i) { weight_tiles(i * chunk, std::min(tiles_n, (i + 1) * chunk), ka0, ka1); });
   }
-  const int chunk = std::max(1, tiles_n / (pool.size() * 16));
-  pool.run((tiles_n + chunk - 1) / chunk, [&](int i) { weight_tiles(i * chunk, std::min(tiles_n, (i + 1) * chunk)); });
 }
 
 bool amx_applies(int N, int K, int group_size) {
