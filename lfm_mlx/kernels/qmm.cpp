@@ -643,7 +643,8 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
   // next in partials, one 16 x 16 per weight tile and x tile (block order, so results are unchanged).
   const long x_tile_block = 2L * 16 * BLOCK;
   const int x_range = std::max(1, std::min<int>(blocks, (1L << 20) / (tiles_m * x_tile_block)));
-  std::vector<float> partials(x_range < blocks ? (size_t)tiles_n * tiles_m * 256 : 0);
+  std::vector<float> partials_buffer(x_range < blocks ? (size_t)tiles_n * tiles_m * 256 + 16 : 0);
+  float* partials = reinterpret_cast<float*>(((uintptr_t)partials_buffer.data() + 63) & ~(uintptr_t)63);  // aligned loads
   auto weight_tiles = [&](int t0, int t1, int ka0, int ka1) {
     thread_local std::vector<uint8_t> buffer;  // B tiles, then the weight rows' scales and biases
     buffer.resize((size_t)K * 16 + (size_t)G * 16 * 2 * sizeof(float) + 64);
@@ -682,7 +683,7 @@ void qmm_amx(const float* x, const uint8_t* w, const float* scales, const float*
           const int8_t* at = a.data() + (size_t)tm * blocks * 2 * 16 * BLOCK;
           const float *dt = d.data() + (size_t)tm * 16 * blocks, *xt = xsum.data() + (size_t)tm * 16 * G;
           float* yt = y + (long)tm * 16 * N + n0;
-          float* pt = partials.empty() ? partial : partials.data() + ((size_t)t * tiles_m + tm) * 256;
+          float* pt = partials_buffer.empty() ? partial : partials + ((size_t)t * tiles_m + tm) * 256;
           switch (std::min(16, M - tm * 16)) {
 #define TILE(R)                                                                                            \
   case R:                                                                                                  \
