@@ -152,6 +152,14 @@ class KVCache:
         """Forget the last ``fed - kept`` tokens written (their slots are simply overwritten later)."""
         self.offset -= fed - kept
 
+    def shrink(self) -> None:
+        """Cut the buffers to the tokens held, for a cache that is kept but never written again (a
+        prefix-cache entry): storage grows ``step`` tokens at a time, so up to 255 tokens' worth of
+        every buffer would be empty."""
+        if self.keys is not None and self.keys[0].shape[2] > self.offset:
+            self.keys, self.values = (tuple(mx.contiguous(b[..., : self.offset, :]) for b in t)
+                                      for t in (self.keys, self.values))
+
     def copy_prefix(self, n: int) -> "KVCache":
         """A new cache with these settings holding this one's first ``n`` tokens, in buffers of its own
         (later writes to either never reach the other)."""
@@ -270,6 +278,13 @@ class PromptCache:
         arrays.update((id(a), a) for s in self.snapshots.values() for a in s.conv_states if a is not None)
         return sum(a.nbytes for a in arrays.values())
 
+    def shrink(self) -> None:
+        """Keep only the KV of the tokens held (for a cache stored and no longer written)."""
+        for c in self.layers:
+            if isinstance(c, KVCache):
+                c.shrink()
+        mx.eval(cache_arrays(self.layers))  # the copies made now, so the full buffers are freed now
+
     def branch(self, position: int) -> "PromptCache":
         """A new cache holding this one's state at the snapshot at ``position``: KV copied into buffers
         of its own, conv states shared (never mutated), earlier snapshots carried over."""
@@ -353,7 +368,8 @@ class PrefixCache:
 
     Reuse ends at a snapshot, since a conv state cannot be trimmed: the engine snapshots at message
     boundaries and at the end of each prompt. Entries are never written again once stored (a reuse
-    copies the KV prefix out), and the least recently used go first beyond ``max_bytes``.
+    copies the KV prefix out), so their KV buffers are cut to the tokens they hold, and the least
+    recently used go first beyond ``max_bytes``.
 
     A server's cache holds hundreds of entries, so none is scanned: each entry's snapshots and its end
     are indexed by a hash of the tokens before them, and a lookup hashes its prompt's prefixes once and
@@ -400,6 +416,7 @@ class PrefixCache:
                     for position, snap in old.snapshots.items():
                         cache.snapshots.setdefault(position, snap)
                     self._remove(key)
+        cache.shrink()
         size = cache.nbytes
         if size > self.max_bytes:
             return

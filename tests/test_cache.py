@@ -146,6 +146,9 @@ class StoredState:
         self.tokens, self.snapshots, self.settings, self.nbytes = tokens, dict.fromkeys(snapshots), settings, nbytes
         self.rolled = False
 
+    def shrink(self) -> None:
+        """(No KV buffers to cut.)"""
+
     def branch(self, position: int) -> tuple:
         return tuple(self.tokens[:position]), position, tuple(sorted(self.settings.items()))
 

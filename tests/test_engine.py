@@ -13,6 +13,7 @@ import pytest
 import conftest
 import lfm_mlx
 from conftest import EOS, ban, forcing
+from lfm_mlx.cache import KVCache
 from lfm_mlx.constrain import JSONConstraint
 from lfm_mlx.engine import Engine, Request, continuation
 from lfm_mlx.sample import SamplingSettings
@@ -209,6 +210,18 @@ def test_prefix_cache_stays_within_its_byte_budget(tiny):
     engine.prefix_cache.clear()
     gc.collect()
     assert held - mx.get_active_memory() <= 1.1 * counted
+
+
+def test_prefix_cache_entries_hold_the_kv_of_their_tokens_only(tiny):
+    """KV storage grows 256 tokens at a time; a stored entry is never written again, so it keeps only
+    what its tokens use (and its reuse is tested above)."""
+    model, tok = tiny
+    engine = Engine(model, tok, prefix_cache_bytes=64 << 20)
+    list(engine.submit(Request(prompts(1, seed=12)[0], max_tokens=3, sampling=GREEDY)))
+    (_, cache, size, _), = engine.prefix_cache._entries.values()
+    kv = [c for c in cache.layers if isinstance(c, KVCache)]
+    assert kv and all(c.keys[0].shape[2] == c.values[0].shape[2] == c.offset == len(cache.tokens) < 256 for c in kv)
+    assert size == cache.nbytes == engine.prefix_cache.nbytes
 
 
 def test_snapshot_inside_a_prefill_chunk_equals_one_taken_at_a_chunk_boundary(tiny):
