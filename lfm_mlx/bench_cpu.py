@@ -75,30 +75,31 @@ class Busy:
 
 # --- llama.cpp -----------------------------------------------------------------------------------
 
-def build_llama_cpp(cache: Path) -> Path:
-    """``llama-bench`` and ``llama-quantize`` from llama-cpp-python's sdist; their directory."""
+def build_llama_cpp(cache: Path, targets: tuple = ("llama-bench", "llama-quantize")) -> Path:
+    """llama.cpp's ``targets`` (programs) from llama-cpp-python's sdist; their directory."""
     bin_dir = cache / "llama.cpp" / "build" / "bin"
-    if (bin_dir / "llama-bench").is_file() and (bin_dir / "llama-quantize").is_file():
+    if all((bin_dir / t).is_file() for t in targets):
         return bin_dir
     if shutil.which("cmake") is None:
         raise OSError("cmake was not found")
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        # The source distribution only (":all:" would also build its build tools, CMake itself, from source).
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", "llama-cpp-python",
-                        "--no-deps", "llama-cpp-python", "-d", tmp], check=True, capture_output=True)
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
-        shutil.rmtree(cache / "llama.cpp", ignore_errors=True)
-        shutil.move(str(source), cache / "llama.cpp")
     root = cache / "llama.cpp"
+    if not (root / "CMakeLists.txt").is_file():  # the source, once; more targets build beside the first
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            # The source distribution only (":all:" would also build its build tools, CMake itself, from source).
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-binary", "llama-cpp-python",
+                            "--no-deps", "llama-cpp-python", "-d", tmp], check=True, capture_output=True)
+            sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                tar.extractall(tmp, filter="data")
+            source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.move(str(source), root)
     flags = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine() in ("x86_64", "AMD64") else ""
-    print("building llama.cpp (llama-bench, llama-quantize; a few minutes, once)…", flush=True)
+    print(f"building llama.cpp ({', '.join(targets)}; a few minutes, once)…", flush=True)
     for command in (
         ["cmake", "-S", str(root), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", f"-DCMAKE_C_FLAGS={flags}", f"-DCMAKE_CXX_FLAGS={flags}"],
-        ["cmake", "--build", str(root / "build"), "-j", "--target", "llama-bench", "llama-quantize"],
+        ["cmake", "--build", str(root / "build"), "-j", "--target", *targets],
     ):
         done = subprocess.run(command, capture_output=True, text=True, errors="replace")
         if done.returncode != 0:

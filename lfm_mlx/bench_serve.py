@@ -1,7 +1,7 @@
-"""Serving under concurrency, against mlx-lm, in one run: ``python -m lfm_mlx.bench serve``.
+"""Serving under concurrency, against mlx-lm and llama.cpp, in one run: ``python -m lfm_mlx.bench serve``.
 
     python -m lfm_mlx.bench serve [--model PATH] [--concurrency 1,4,16,64] [--seconds 60]
-                                  [--mixes chat,extract] [--servers lfm_mlx,mlx_lm] [--json out.json]
+                                  [--mixes chat,extract] [--servers lfm_mlx,mlx_lm,llama_cpp] [--json out.json]
 
 0. One stream: ``stream_generate`` through the engine against the plain one-sequence decode loop that
    ``stream_generate`` was before the engine (prefill, then ``decode_tokens`` with greedy argmax and
@@ -10,12 +10,15 @@
    ``Engine`` and mlx-lm's ``BatchGenerator`` decode B greedy rows; tokens per second once every row
    is decoding.
 2. Server against server, each at its defaults: ``python -m lfm_mlx.server`` and ``mlx_lm.server``
-   on the same 4-bit weights. C clients stream chat completions in a closed loop (each sends its next
+   on the same 4-bit weights, and llama.cpp's ``llama-server`` (the CPU reference; built as for
+   ``bench cpu``, with 16 slots of 2,048 tokens, since its default 4 would queue at C = 16) on the same
+   weights as Q4_0 (without ``--model`` only: it cannot load an MLX checkpoint). C clients stream chat completions in a closed loop (each sends its next
    request as soon as one ends, so new requests keep joining running ones), with mixed prompt
    lengths, for a chat mix and an extraction mix (``response_format`` json_schema: lfm_mlx enforces
-   it, mlx-lm ignores it). Each level runs ``--seconds``; requests still running at the end are cut
+   it, mlx-lm ignores it, llama.cpp compiles it to a grammar). Each level runs ``--seconds``; requests still running at the end are cut
    and their streamed tokens counted. Reported: aggregate output tok/s, requests/s, time to first
-   token and inter-token latency (p50/p95), and the server's peak resident memory.
+   token and inter-token latency (p50/p95), the server's peak resident memory, and how each server's
+   throughput and inter-token p95 grow from one client to 16.
 
 Without ``--model`` it uses the benchmark's random weights in the LFM2-350M shape, 4-bit (mlx-lm's
 quantizer), with LFM2-350M's tokenizer and chat template from ``../shared/lfm2-reference``.
@@ -63,6 +66,22 @@ def weights(args) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (path / f.name).exists():
             shutil.copy(f, path / f.name)
     return path
+
+
+def llama_cpp(args) -> tuple[Path, Path]:
+    """llama.cpp's ``llama-server`` and the benchmark's random weights as its Q4_0 GGUF."""
+    if args.model:
+        raise OSError("--model is an MLX checkpoint, which llama.cpp cannot load")
+    from .bench import LFM2_350M, random_checkpoint
+    from .bench_cpu import build_llama_cpp, q4_0_weights
+
+    cache = Path(args.cache_dir)
+    source = random_checkpoint(cache / "lfm2-350m-bf16", LFM2_350M)
+    for f in TOKENIZER.iterdir():  # its converter needs the tokenizer, its server the chat template
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (source / f.name).exists():
+            shutil.copy(f, source / f.name)
+    bin_dir = build_llama_cpp(cache, ("llama-server", "llama-quantize"))
+    return bin_dir / "llama-server", q4_0_weights(bin_dir, source, cache)
 
 
 # --- 0. one stream ----------------------------------------------------------------------------------
@@ -214,10 +233,14 @@ def process_memory_mb(pid: int, field: str = "VmRSS") -> float:
 class ServerProcess:
     """A server on a loopback port, started and stopped by the benchmark."""
 
-    def __init__(self, name: str, path: Path):
+    def __init__(self, name: str, path: Path, llama: Optional[tuple] = None):
         self.name, self.port = name, free_port()
         if name == "lfm_mlx":
             command = [sys.executable, "-m", "lfm_mlx.server", "--model", str(path), "--port", str(self.port)]
+        elif name == "llama_cpp":
+            server, gguf = llama
+            command = [str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
+                       "-np", "16", "-c", str(16 * 2048)]
         else:
             command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(self.port),
                        "--log-level", "WARNING"]
@@ -314,17 +337,18 @@ def summarize(records: list, elapsed: float) -> dict:
             "errors": sum(1 for r in records if r.get("error"))}
 
 
-def server_vs_server(path: Path, servers: list[str], mixes: list[str], levels: list[int], seconds: float) -> dict:
+def server_vs_server(path: Path, servers: list[str], mixes: list[str], levels: list[int], seconds: float,
+                     llama: Optional[tuple] = None) -> dict:
     """Each (mix, level) on a freshly started server: requests a slow server could not finish at one
-    level never run on into the next."""
+    level never run on into the next. ``llama``: llama-server's program and GGUF."""
     out: dict = {}
     for mix in mixes:
         for C in levels:
             for name in servers:
-                server = ServerProcess(name, path)
+                server = ServerProcess(name, path, llama)
                 try:
                     server.wait_ready()
-                    # mlx_lm.server's /v1/models lists the Hugging Face cache; both take the path as the model
+                    # mlx_lm.server's /v1/models lists the Hugging Face cache; all take the path as the model
                     records, elapsed = asyncio.run(_load(server.url, mix, C, seconds, str(path)))
                     row = summarize(records, elapsed)
                     row["peak_rss_mb"] = server.peak_rss_mb()
@@ -347,23 +371,31 @@ def table(report: dict) -> str:
         one = report["single"]
         lines += [f"one stream: stream_generate on the engine {one['engine']:.1f} tok/s, the plain decode loop "
                   f"{one['plain']:.1f} tok/s: {one['ratio'] or 0:.3f}x", ""]
-    lines += ["engine vs engine (same weights, float32, greedy; decode tok/s once every row decodes)",
-             f"{'batch':>6s} {'lfm_mlx':>10s} {'mlx_lm BG':>10s} {'ratio':>7s}"]
+    if report.get("engine"):
+        lines += ["engine vs engine (same weights, float32, greedy; decode tok/s once every row decodes)",
+                  f"{'batch':>6s} {'lfm_mlx':>10s} {'mlx_lm BG':>10s} {'ratio':>7s}"]
     for B, row in report.get("engine", {}).items():
         lines.append(f"{B:>6} {row['lfm_mlx']:10.1f} {row['mlx_lm']:10.1f} {row['ratio'] or 0:6.2f}x")
     servers = report.get("servers", {})
     for mix in servers:
         lines += ["", f"server vs server, {mix} mix (each at its defaults; {report['seconds']:.0f} s per level)",
-                  f"{'C':>4s} {'server':8s} {'tok/s':>8s} {'req/s':>6s} {'done':>5s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
+                  f"{'C':>4s} {'server':9s} {'tok/s':>8s} {'req/s':>6s} {'done':>5s} {'TTFT p50':>9s} {'TTFT p95':>9s} "
                   f"{'ITL p50':>8s} {'ITL p95':>8s} {'errors':>6s} {'peak MB':>8s}"]
         for C, by_server in servers[mix].items():
             for name, r in by_server.items():
-                lines.append(f"{C:>4} {name:8s} {r['output_tok_s']:8.1f} {r['requests_s']:6.2f} {r['requests_done']:5d} "
+                lines.append(f"{C:>4} {name:9s} {r['output_tok_s']:8.1f} {r['requests_s']:6.2f} {r['requests_done']:5d} "
                              f"{_fmt(r['ttft_p50_s']):>9s} {_fmt(r['ttft_p95_s']):>9s} {_fmt(r['itl_p50_s']):>8s} "
                              f"{_fmt(r['itl_p95_s']):>8s} {r['errors']:6d} {r['peak_rss_mb']:8.0f}")
-            if len(by_server) == 2 and by_server.get("mlx_lm", {}).get("output_tok_s"):
-                ratio = by_server["lfm_mlx"]["output_tok_s"] / by_server["mlx_lm"]["output_tok_s"]
-                lines.append(f"{'':>4} {'ratio':8s} {ratio:7.2f}x")
+            for peer in [n for n in by_server if n != "lfm_mlx" and by_server[n]["output_tok_s"]]:
+                if "lfm_mlx" in by_server:
+                    ratio = by_server["lfm_mlx"]["output_tok_s"] / by_server[peer]["output_tok_s"]
+                    lines.append(f"{'':>4} {'ratio':9s} {ratio:7.2f}x lfm_mlx / {peer}")
+        one, many = servers[mix].get(1, {}), servers[mix].get(16, {})
+        growth = [f"{name} tok/s {many[name]['output_tok_s'] / r['output_tok_s']:.2f}x, ITL p95 "
+                  f"{many[name]['itl_p95_s'] / r['itl_p95_s']:.1f}x" for name, r in one.items()
+                  if name in many and r["output_tok_s"] and r["itl_p95_s"] and many[name]["itl_p95_s"]]
+        if growth:
+            lines.append("from 1 client to 16: " + "; ".join(growth))
     return "\n".join(lines)
 
 
@@ -373,12 +405,16 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--seconds", type=float, default=60.0, help="per concurrency level (default 60)")
     p.add_argument("--mixes", default="chat,extract")
-    p.add_argument("--servers", default="lfm_mlx,mlx_lm")
+    p.add_argument("--servers", default="lfm_mlx,mlx_lm,llama_cpp")
     p.add_argument("--engine-batches", default="1,16", help="batch sizes of the engine comparison ('' to skip)")
     p.add_argument("--skip-single", action="store_true", help="skip the one-stream comparison")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "lfm_mlx_bench"))
     args = p.parse_args(argv)
+    servers = [s for s in args.servers.split(",") if s]
+    unknown = set(servers) - {"lfm_mlx", "mlx_lm", "llama_cpp"}
+    if unknown:
+        p.error(f"unknown --servers {', '.join(sorted(unknown))}: choose from lfm_mlx, mlx_lm, llama_cpp")
     try:
         path = weights(args)
         report = {"model": str(path), "seconds": args.seconds}
@@ -387,10 +423,16 @@ def main(argv: Optional[list] = None) -> dict:
         batches = [int(b) for b in args.engine_batches.split(",") if b]
         if batches:
             report["engine"] = engine_vs_engine(path, batches)
-        servers = [s for s in args.servers.split(",") if s]
+        llama = None
+        if "llama_cpp" in servers:
+            try:
+                llama = llama_cpp(args)
+            except (OSError, subprocess.SubprocessError, StopIteration) as e:
+                print(f"llama.cpp's server skipped: {e}", flush=True)
+                servers.remove("llama_cpp")
         if servers:
             report["servers"] = server_vs_server(path, servers, args.mixes.split(","),
-                                                 [int(c) for c in args.concurrency.split(",")], args.seconds)
+                                                 [int(c) for c in args.concurrency.split(",")], args.seconds, llama)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"python -m lfm_mlx.bench serve: error: {e}")
     print(table(report))

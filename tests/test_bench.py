@@ -52,7 +52,32 @@ def test_serve_benchmark_runs_both_servers_and_prints_every_section(tiny_checkpo
     assert sum(level["lfm_mlx"]["output_tok_s"] for level in levels) > 0
     printed = capsys.readouterr().out
     assert "one stream:" in printed and "server vs server, extract mix" in printed
+    assert "llama.cpp's server skipped: --model is an MLX checkpoint" in printed
     assert json.loads(out.read_text())["servers"] == json.loads(json.dumps(report["servers"]))
+
+
+def test_serve_table_compares_each_peer_and_how_each_server_grows_from_one_client_to_16():
+    from lfm_mlx.bench_serve import table
+
+    def level(tok_s, itl_p95):
+        return {"output_tok_s": tok_s, "requests_s": 0.5, "requests_done": 3, "ttft_p50_s": 0.2, "ttft_p95_s": 0.4,
+                "itl_p50_s": 0.02, "itl_p95_s": itl_p95, "errors": 0, "peak_rss_mb": 900.0}
+
+    report = {"seconds": 40, "servers": {"chat": {
+        1: {"lfm_mlx": level(30.0, 0.025), "mlx_lm": level(0.0, None), "llama_cpp": level(25.0, 0.030)},
+        16: {"lfm_mlx": level(75.0, 0.200), "mlx_lm": level(0.0, None), "llama_cpp": level(30.0, 0.210)}}}}
+    printed = table(report)
+    assert "engine vs engine" not in printed  # not measured: no section
+    assert "1.20x lfm_mlx / llama_cpp" in printed and "2.50x lfm_mlx / llama_cpp" in printed
+    assert "lfm_mlx / mlx_lm" not in printed  # nothing streamed: no ratio
+    assert "from 1 client to 16: lfm_mlx tok/s 2.50x, ITL p95 8.0x; llama_cpp tok/s 1.20x, ITL p95 7.0x" in printed
+
+
+def test_serve_benchmark_refuses_an_unknown_server_before_any_work(capsys):
+    with pytest.raises(SystemExit) as failure:
+        bench.main(["serve", "--servers", "lfm_mlx,vllm", "--model", "/nonexistent"])
+    assert failure.value.code == 2
+    assert "unknown --servers vllm: choose from lfm_mlx, mlx_lm, llama_cpp" in capsys.readouterr().err
 
 
 def test_cpu_benchmark_measures_both_mlx_libraries_quiet_and_busy(tmp_path, capsys):
