@@ -11,12 +11,13 @@
    is decoding.
 2. Server against server, each at its defaults: ``python -m lfm_mlx.server`` and ``mlx_lm.server``
    on the same 4-bit weights, and llama.cpp's ``llama-server`` (the CPU reference; built as for
-   ``bench cpu``, with 16 slots of 2,048 tokens, since its default 4 would queue at C = 16) on the same
-   weights as Q4_0 (without ``--model`` only: it cannot load an MLX checkpoint). C clients stream chat completions in a closed loop (each sends its next
-   request as soon as one ends, so new requests keep joining running ones), with mixed prompt
-   lengths, for a chat mix and an extraction mix (``response_format`` json_schema: lfm_mlx enforces
-   it, mlx-lm ignores it, llama.cpp compiles it to a grammar). Each level runs ``--seconds``; requests still running at the end are cut
-   and their streamed tokens counted. Reported: aggregate output tok/s, requests/s, time to first
+   ``bench cpu``, with 16 slots of 2,048 tokens, since its default 4 would queue at C = 16) on the
+   same weights as Q4_0 (without ``--model`` only: it cannot load an MLX checkpoint). C clients
+   stream chat completions in a closed loop (each sends its next request as soon as one ends, so new
+   requests keep joining running ones), with mixed prompt lengths, for a chat mix and an extraction
+   mix (``response_format`` json_schema: lfm_mlx enforces it, mlx-lm ignores it, llama.cpp compiles
+   it to a grammar). Each level runs ``--seconds``; requests still running at the end are cut and
+   their streamed tokens counted. Reported: aggregate output tok/s, requests/s, time to first
    token and inter-token latency (p50/p95), the server's peak resident memory, and how each server's
    throughput and inter-token p95 grow from one client to 16.
 
