@@ -200,7 +200,7 @@ MOVES = [  # (weight, name, move, is it a normal request, runs in a thread)
 ]
 
 
-async def client(url: str, seed: int, until: float, records: list, moves: list = MOVES) -> None:
+async def client(url: str, seed: int, until: float, records: list, moves: list) -> None:
     rng = random.Random(seed)
     weights = [m[0] for m in moves]
     user = GradioUser(url)

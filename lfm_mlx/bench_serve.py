@@ -63,10 +63,15 @@ def weights(args) -> Path:
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     path = quantized_checkpoint(random_checkpoint(cache / "lfm2-350m-bf16", LFM2_350M), 4, 64, cache)
-    for f in TOKENIZER.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (path / f.name).exists():
-            shutil.copy(f, path / f.name)
+    with_tokenizer(path)
     return path
+
+
+def with_tokenizer(directory: Path) -> None:
+    """LFM2-350M's tokenizer and chat template beside random weights (files already there are kept)."""
+    for f in TOKENIZER.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (directory / f.name).exists():
+            shutil.copy(f, directory / f.name)
 
 
 def llama_cpp(args) -> tuple[Path, Path]:
@@ -78,9 +83,7 @@ def llama_cpp(args) -> tuple[Path, Path]:
 
     cache = Path(args.cache_dir)
     source = random_checkpoint(cache / "lfm2-350m-bf16", LFM2_350M)
-    for f in TOKENIZER.iterdir():  # its converter needs the tokenizer, its server the chat template
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (source / f.name).exists():
-            shutil.copy(f, source / f.name)
+    with_tokenizer(source)  # its converter needs the tokenizer, its server the chat template
     bin_dir = build_llama_cpp(cache, ("llama-server", "llama-quantize"))
     return bin_dir / "llama-server", q4_0_weights(bin_dir, source, cache)
 
